@@ -1,0 +1,939 @@
+"""osessl.py: One-Shot Exemplar Self-Supervised Learning (OSESSL, ICLR 2026) in one file.
+
+One labeled image per class grounds a clustering-based self-supervised learner (ReSA) in the
+real class space: exemplar-guided prototypes, a dual-view alignment loss, a dispersion
+regulariser and mixup interpolation consistency. The file reads in the order of the method
+(METHOD.md): config, data, augmentation, networks, ReSA loss, exemplar prototypes, prototype
+losses, interpolation losses, training step, training loop, entry point.
+
+Run (the same file with or without a launcher):
+  python osessl.py --dataset synthetic --epochs 2                     # quick start, no files
+  python osessl.py --dataset imagefolder --data-dir data/cifar100     # offline, real images
+  torchrun --standalone --nproc_per_node=1 osessl.py --dataset cifar100
+  torchrun --standalone --nproc_per_node=4 osessl.py --dataset cifar100
+  torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST --master_port=29500 \
+      osessl.py --dataset cifar100                                     # and node_rank=1 on the other
+  ReSA baseline, step for step: add --lambda-proto 0 --mu-mix 0
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import knn_eval
+
+CHECKPOINT_FORMAT = 1
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line on stderr with exit code 2, never as a traceback."""
+
+
+# ============ 1. Config: the paper's CIFAR settings (METHOD.md section 7) ============
+def opt(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # data
+    dataset: str = opt("cifar100", "cifar10 | cifar100 (torchvision, downloaded into --data-dir) | "
+                       "imagefolder (DIR/train/<class>/*, DIR/test/<class>/*) | synthetic (generated, no files)")
+    data_dir: str = opt("./data", "where CIFAR is downloaded, or the ImageFolder root holding train/ and test/")
+    train_limit: int = opt(0, "use only this many unlabeled training images (seeded subset; 0 = all), for quick CPU runs")
+    test_limit: int = opt(0, "evaluate on only this many test images (seeded subset; 0 = all)")
+    synthetic_classes: int = opt(10, "number of classes of --dataset synthetic")
+    synthetic_per_class: int = opt(64, "training images per class of --dataset synthetic (a quarter as many test images)")
+    # one-shot split
+    exemplar_seed: int = opt(0, "seed that draws the one labeled exemplar per class")
+    exemplars: str = opt("", "JSON file with a list of training indices, one per class (overrides --exemplar-seed)")
+    keep_exemplars_in_unlabeled: bool = opt(False, "paper silent; our default removes the exemplars from D_u")
+    # networks
+    width: int = opt(64, "ResNet-18 base width (64 = the real ResNet-18; tests use 8 or 16 to run fast)")
+    proj_hidden: int = opt(2048, "projector hidden size")
+    proj_dim: int = opt(512, "projector output size d")
+    # optimisation
+    epochs: int = opt(1000, "training epochs (the paper: 1000 on CIFAR)")
+    batch_size: int = opt(256, "images per process and step (global batch = this x number of processes)")
+    lr: float = opt(0.3, "base learning rate for a global batch of 256 (scaled linearly)")
+    weight_decay: float = opt(1e-4, "SGD weight decay, applied to every parameter")
+    warmup_epochs: int = opt(2, "linear warm-up epochs, then cosine to --final-lr-ratio x lr")
+    final_lr_ratio: float = opt(0.1, "learning rate at the end of the cosine schedule, relative to lr")
+    ema_start: float = opt(0.996, "momentum-encoder EMA coefficient at step 0, cosine to 1")
+    # ReSA (section 3)
+    sinkhorn_eps: float = opt(0.05, "Sinkhorn entropic regularisation")
+    sinkhorn_iters: int = opt(3, "Sinkhorn iterations (ReSA uses 3)")
+    resa_temp: float = opt(0.4, "temperature of the ReSA and instance-mixup logits")
+    # OSESSL (sections 4-7)
+    lambda_proto: float = opt(1.0, "weight lambda of L_proto = L_align + L_disp (0 with --mu-mix 0 gives ReSA)")
+    mu_mix: float = opt(1.0, "weight mu of L_mix (1.0 on CIFAR, 0.25 on ImageNet)")
+    bank_size: int = opt(4096, "memory bank size K (FIFO of momentum weak-view embeddings)")
+    k: int = opt(8, "neighbours per exemplar")
+    alpha: float = opt(0.75, "discriminative score: weight of own-exemplar similarity vs nearest other exemplar")
+    tau_w: float = opt(1.0, "temperature of the prototype member weights; paper writes none, we use 1.0")
+    tau_s: float = opt(0.1, "student temperature")
+    tau_t: float = opt(0.04, "teacher temperature (sharper)")
+    zeta: float = opt(1.0, "mixup Beta(zeta, zeta) parameter; paper silent, 1.0 = uniform")
+    dispersion: str = opt("mean", "mean (the paper's text) | logsumexp (contrastive form, pushes closest pairs hardest)")
+    # run
+    seed: int = opt(0, "seed of the network init, epoch permutations and augmentation")
+    eval_every: int = opt(10, "k-NN evaluation every this many epochs (and after the last); 0 = only at the end")
+    max_steps: int = opt(0, "stop after this many optimiser steps in total (0 = run all epochs); for tests")
+    out: str = opt("", "run directory (default runs/<dataset>-<method>-<timestamp>)")
+    overwrite: bool = opt(False, "allow writing into a --out that already holds another run")
+    resume: str = opt("", "checkpoint (last.pt) to continue from")
+    compile: bool = opt(False, "torch.compile the networks")
+    device: str = opt("", "cuda | cpu (default: cuda when available)")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        print(f"error: {message} (see python osessl.py --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_config(argv=None) -> Config:
+    p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            p.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"])
+    cfg = Config(**vars(p.parse_args(argv)))
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg: Config):
+    if cfg.dataset not in ("cifar10", "cifar100", "imagefolder", "synthetic"):
+        raise UsageError(f"unknown --dataset {cfg.dataset!r}: use cifar10, cifar100, imagefolder or synthetic")
+    positive = dict(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, k=cfg.k, bank_size=cfg.bank_size,
+                    sinkhorn_eps=cfg.sinkhorn_eps, resa_temp=cfg.resa_temp, tau_w=cfg.tau_w, tau_s=cfg.tau_s,
+                    tau_t=cfg.tau_t, zeta=cfg.zeta, width=cfg.width, sinkhorn_iters=cfg.sinkhorn_iters)
+    for name, value in positive.items():
+        if not value > 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if cfg.k > cfg.bank_size:
+        raise UsageError(f"--k {cfg.k} is larger than the memory bank (--bank-size {cfg.bank_size}): lower k or enlarge the bank")
+    if not 0 <= cfg.alpha <= 1:
+        raise UsageError(f"--alpha must lie in [0, 1], got {cfg.alpha}")
+    if cfg.dispersion not in ("mean", "logsumexp"):
+        raise UsageError(f"unknown --dispersion {cfg.dispersion!r}: use mean or logsumexp")
+    if cfg.lambda_proto < 0 or cfg.mu_mix < 0:
+        raise UsageError("--lambda-proto and --mu-mix must be >= 0")
+
+
+# ============ 2. Data and the one-shot setting (METHOD.md section 1) ============
+# Every split is decoded once into a uint8 tensor (N, 3, H, W) that lives on the training device;
+# augmentation then runs there too, so the training loop never touches PIL or a DataLoader.
+
+def load_cifar(cfg):
+    import torchvision
+    cls = torchvision.datasets.CIFAR10 if cfg.dataset == "cifar10" else torchvision.datasets.CIFAR100
+    try:
+        splits = [cls(cfg.data_dir, train=t, download=True) for t in (True, False)]
+    except Exception as e:  # offline machines land here
+        name = cfg.dataset
+        raise UsageError(f"could not download {name} into {cfg.data_dir} ({type(e).__name__}); offline, extract an "
+                         f"ImageFolder copy (tar -xJf ../shared/data/{name}.tar.xz -C data) and run "
+                         f"--dataset imagefolder --data-dir data/{name}") from None
+    out = []
+    for s in splits:
+        out += [torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets)]
+    return (*out, len(splits[0].classes))
+
+
+def _list_split(root, split):
+    top = os.path.join(root, split)
+    if not os.path.isdir(top):
+        raise UsageError(f"{top} is not a directory: --data-dir must hold train/<class>/* and test/<class>/*")
+    classes = sorted(e.name for e in os.scandir(top) if e.is_dir())
+    if not classes:
+        raise UsageError(f"{top} has no class folders: expected {top}/<class>/<image>")
+    files = []
+    for c, name in enumerate(classes):
+        d = os.path.join(top, name)
+        names = sorted(n for n in os.listdir(d) if not n.startswith("."))
+        if not names:
+            raise UsageError(f"empty class folder {d}: every class needs at least one image")
+        files += [(os.path.join(d, n), c) for n in names]
+    return classes, files
+
+
+def load_imagefolder_split(root, split):
+    """Decode DIR/split/<class>/* once; the result is cached next to the data when writable."""
+    from torchvision.io import ImageReadMode, decode_image, read_file
+    classes, files = _list_split(root, split)
+    key = hashlib.sha1(json.dumps([(os.path.relpath(p, root), os.path.getsize(p)) for p, _ in files]).encode()).hexdigest()
+    cache = os.path.join(root, f".osessl-cache-{split}.pt")
+    if os.path.exists(cache):
+        c = torch.load(cache)
+        if c.get("key") == key:
+            return c["x"], c["y"], classes
+    images = []
+    for path, _ in files:
+        try:
+            img = decode_image(read_file(path), mode=ImageReadMode.RGB)
+        except Exception as e:
+            raise UsageError(f"cannot read image {path} ({type(e).__name__}): remove or replace the file") from None
+        if images and img.shape != images[0].shape:
+            raise UsageError(f"image {path} is {tuple(img.shape[1:])}, others are {tuple(images[0].shape[1:])}: all images must share one size")
+        images.append(img)
+    x, y = torch.stack(images), torch.tensor([c for _, c in files])
+    try:
+        torch.save({"key": key, "x": x, "y": y}, cache + ".tmp")
+        os.replace(cache + ".tmp", cache)
+    except OSError:
+        pass  # read-only data directory: decode again next time
+    return x, y, classes
+
+
+def make_synthetic(num_classes, per_class, seed=0, size=32):
+    """Class-structured images: each class is a random low-frequency colour layout, each image that
+    layout shifted, rescaled in brightness and noised. Learnable, tiny, needs no files."""
+    g = torch.Generator().manual_seed(seed)
+    layouts = torch.rand(num_classes, 3, 4, 4, generator=g)
+
+    def sample(n):
+        y = torch.arange(n) % num_classes
+        x = F.interpolate(layouts[y], size=size, mode="bilinear", align_corners=False)
+        x = torch.roll(x, shifts=(int(torch.randint(-4, 5, (1,), generator=g)),) * 2, dims=(2, 3))
+        x = x * (0.7 + 0.6 * torch.rand(n, 1, 1, 1, generator=g)) + 0.15 * torch.randn(x.shape, generator=g)
+        return (x.clamp(0, 1) * 255).round().to(torch.uint8), y
+    return (*sample(num_classes * per_class), *sample(num_classes * max(1, per_class // 4)), num_classes)
+
+
+def load_data(cfg):
+    """Returns train_x, train_y, test_x, test_y (uint8 images, int64 labels) and the number of classes."""
+    if cfg.dataset in ("cifar10", "cifar100"):
+        data = load_cifar(cfg)
+    elif cfg.dataset == "imagefolder":
+        if not os.path.isdir(cfg.data_dir):
+            raise UsageError(f"--data-dir {cfg.data_dir} does not exist: point it at a folder holding train/ and test/")
+        tx, ty, classes = load_imagefolder_split(cfg.data_dir, "train")
+        vx, vy, test_classes = load_imagefolder_split(cfg.data_dir, "test")
+        if test_classes != classes:
+            raise UsageError(f"{cfg.data_dir}/test has classes {len(test_classes)} that differ from train/ ({len(classes)})")
+        data = (tx, ty, vx, vy, len(classes))
+    else:
+        data = make_synthetic(cfg.synthetic_classes, cfg.synthetic_per_class, seed=cfg.seed)
+    tx, ty, vx, vy, num_classes = data
+    if cfg.test_limit and cfg.test_limit < len(vx):
+        keep = torch.randperm(len(vx), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.test_limit]
+        vx, vy = vx[keep], vy[keep]
+    return tx, ty, vx, vy, num_classes
+
+
+def select_exemplars(cfg, train_y, num_classes):
+    """D_l: one training index per class, entry c holding class c. Drawn with --exemplar-seed (this
+    simulates the annotator, who looks at labels) or read from --exemplars."""
+    if cfg.exemplars:
+        try:
+            with open(cfg.exemplars) as f:
+                idx = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--exemplars {cfg.exemplars}: not a readable JSON list ({e})") from None
+        if not isinstance(idx, list) or not all(isinstance(i, int) for i in idx):
+            raise UsageError(f"--exemplars {cfg.exemplars}: expected a JSON list of integer training indices")
+        if len(idx) != num_classes:
+            raise UsageError(f"--exemplars {cfg.exemplars} holds {len(idx)} indices, the dataset has {num_classes} classes: give one per class")
+        bad = [i for i in idx if not 0 <= i < len(train_y)]
+        if bad:
+            raise UsageError(f"--exemplars {cfg.exemplars}: index {bad[0]} is out of range (0..{len(train_y) - 1})")
+        idx = torch.tensor(idx)
+        classes = train_y[idx]
+        if len(set(classes.tolist())) != num_classes:
+            dup = [c for c in classes.tolist() if (classes == c).sum() > 1][0]
+            raise UsageError(f"--exemplars {cfg.exemplars}: class {dup} appears more than once: give one image per class")
+        return idx[classes.argsort()]
+    g = torch.Generator().manual_seed(cfg.exemplar_seed)
+    picks = []
+    for c in range(num_classes):
+        members = (train_y == c).nonzero().flatten()
+        if len(members) == 0:
+            raise UsageError(f"class {c} has no training image, so it cannot have an exemplar")
+        picks.append(members[torch.randint(len(members), (1,), generator=g)])
+    return torch.cat(picks)
+
+
+def unlabeled_indices(cfg, n_train, exemplar_idx):
+    """D_u: the training split without the exemplars (default), optionally a seeded subset."""
+    keep = torch.ones(n_train, dtype=torch.bool)
+    if not cfg.keep_exemplars_in_unlabeled:
+        keep[exemplar_idx] = False
+    idx = keep.nonzero().flatten()
+    if cfg.train_limit and cfg.train_limit < len(idx):
+        idx = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.train_limit]].sort().values
+    return idx
+
+
+def channel_stats(x):
+    """Per-channel mean and std of uint8 images, in [0, 1] units, computed in chunks."""
+    s = torch.zeros(3, dtype=torch.float64, device=x.device)
+    s2 = torch.zeros_like(s)
+    for chunk in x.split(8192):
+        c = chunk.to(torch.float64) / 255
+        s += c.sum((0, 2, 3))
+        s2 += (c * c).sum((0, 2, 3))
+    n = x.shape[0] * x.shape[2] * x.shape[3]
+    mean = s / n
+    return mean.float(), (s2 / n - mean * mean).sqrt().float()
+
+
+# ============ 3. Augmentation on the device: weak and strong views (METHOD.md section 1) ============
+# All random parameters of a step are drawn for the *global* batch from a generator seeded by
+# (seed, step); each process then takes its rows. Augmentation is therefore a function of
+# (seed, step, global sample index): independent of the number of processes and exact on resume.
+
+def step_generator(seed, step, device):
+    g = torch.Generator(device=device)
+    g.manual_seed((seed << 32) + step)
+    return g
+
+
+def sample_view_params(n, g, size=32, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), tries=10):
+    """Per-sample parameters of one view: RandomResizedCrop box and flip (weak), colour jitter
+    factors and order, grayscale and solarize coin flips (strong). Always drawn in full, so the
+    random stream does not depend on which view uses them."""
+    d = g.device
+    rand = lambda *shape: torch.rand(*shape, generator=g, device=d)
+    # RandomResizedCrop as torchvision samples it: up to `tries` boxes, the first that fits wins.
+    area = size * size * (scale[0] + (scale[1] - scale[0]) * rand(n, tries))
+    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * rand(n, tries)
+    w = torch.sqrt(area * log_r.exp()).round()
+    h = torch.sqrt(area / log_r.exp()).round()
+    fits = (w >= 1) & (h >= 1) & (w <= size) & (h <= size)
+    first = fits.int().argmax(1, keepdim=True)
+    found = fits.any(1)
+    w = torch.where(found, w.gather(1, first).squeeze(1), torch.full_like(found, size, dtype=w.dtype))
+    h = torch.where(found, h.gather(1, first).squeeze(1), torch.full_like(found, size, dtype=h.dtype))
+    top = (rand(n) * (size - h + 1)).floor()
+    left = (rand(n) * (size - w + 1)).floor()
+    lo = torch.tensor([0.6, 0.6, 0.8, -0.1], device=d)   # ColorJitter(0.4, 0.4, 0.2, 0.1) factor ranges
+    hi = torch.tensor([1.4, 1.4, 1.2, 0.1], device=d)
+    return dict(box=torch.stack([top, left, h, w], 1), flip=rand(n) < 0.5,
+                jitter=rand(n) < 0.8, factors=lo + (hi - lo) * rand(n, 4), order=rand(n, 4).argsort(1),
+                gray=rand(n) < 0.2, solarize=rand(n) < 0.2)
+
+
+def _gray(x):
+    return (0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
+def _shift_hue(x, shift):
+    """RGB -> HSV, rotate hue by `shift` (fraction of a turn), -> RGB; as torchvision's adjust_hue."""
+    r, g, b = x.unbind(1)
+    maxc, minc = x.amax(1), x.amin(1)
+    delta = maxc - minc
+    safe = torch.where(delta == 0, torch.ones_like(delta), delta)
+    sat = delta / torch.where(maxc == 0, torch.ones_like(maxc), maxc)
+    rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
+    hue = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    hue = torch.where(delta == 0, torch.zeros_like(hue), hue) / 6.0
+    hue = (hue + shift.view(-1, 1, 1)) % 1.0
+    # HSV -> RGB in closed form: channel n in (5, 3, 1) is v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6
+    out = []
+    for n in (5.0, 3.0, 1.0):
+        k = (n + hue * 6.0) % 6.0
+        out.append(maxc - maxc * sat * torch.minimum(k, 4.0 - k).clamp(0, 1))
+    return torch.stack(out, 1)
+
+
+def color_jitter(x, factors, order):
+    """Brightness, contrast, saturation, hue with per-sample factors, in a per-sample random order
+    (torchvision's ColorJitter shuffles the four operations for each image)."""
+    f = factors.view(-1, 4, 1, 1, 1).unbind(1)
+    for slot in range(4):
+        op = order[:, slot].view(-1, 1, 1, 1)
+        mean = _gray(x).mean((1, 2, 3), keepdim=True)
+        x = torch.where(op == 0, x * f[0],
+            torch.where(op == 1, f[1] * x + (1 - f[1]) * mean,
+            torch.where(op == 2, f[2] * x + (1 - f[2]) * _gray(x),
+                        _shift_hue(x, factors[:, 3])))).clamp(0, 1)
+    return x
+
+
+def augment(images, p, mean, std, strong):
+    """uint8 images (B, 3, H, W) and per-sample parameters -> normalised float views (B, 3, H, W).
+    One affine grid does crop, resize and flip for the whole batch."""
+    x = images.float() / 255
+    n, _, H, W = x.shape
+    top, left, h, w = p["box"].unbind(1)
+    theta = torch.zeros(n, 2, 3, device=x.device)
+    theta[:, 0, 0] = torch.where(p["flip"], -w / W, w / W)
+    theta[:, 0, 2] = (2 * left + w) / W - 1
+    theta[:, 1, 1] = h / H
+    theta[:, 1, 2] = (2 * top + h) / H - 1
+    grid = F.affine_grid(theta, [n, 3, H, W], align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if strong:
+        x = torch.where(p["jitter"].view(-1, 1, 1, 1), color_jitter(x, p["factors"], p["order"]), x)
+        x = torch.where(p["gray"].view(-1, 1, 1, 1), _gray(x).expand(-1, 3, -1, -1), x)
+        x = torch.where(p["solarize"].view(-1, 1, 1, 1) & (x >= 0.5), 1 - x, x)  # PIL's threshold 128
+    return (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+
+
+def sample_beta(n, zeta, g, tries=8):
+    """Beta(zeta, zeta) from the step generator: Gamma ratios by Marsaglia-Tsang with a fixed number
+    of vectorised proposals (acceptance >= 0.95 each, so all failing has probability < 1e-10)."""
+    def gamma(a):
+        boost = a < 1  # Gamma(a) = Gamma(a + 1) * U^(1/a)
+        d = (a + 1 if boost else a) - 1 / 3
+        c = 1 / math.sqrt(9 * d)
+        x = torch.randn(n, tries, generator=g, device=g.device)
+        u = torch.rand(n, tries, generator=g, device=g.device)
+        v = (1 + c * x) ** 3
+        ok = (v > 0) & (u.log() < 0.5 * x * x + d - d * v + d * v.clamp_min(1e-12).log())
+        pick = ok.int().argmax(1, keepdim=True)
+        out = torch.where(ok.any(1), d * v.gather(1, pick).squeeze(1), torch.full((n,), d, device=g.device))
+        return out * torch.rand(n, generator=g, device=g.device) ** (1 / a) if boost else out
+    a, b = gamma(zeta), gamma(zeta)
+    return a / (a + b)
+
+
+def step_randomness(seed, step, n_global, n_exemplars, zeta, device):
+    """Everything random in one training step, for the global batch, in a fixed order."""
+    g = step_generator(seed, step, device)
+    return SimpleNamespace(weak=sample_view_params(n_global, g), strong=sample_view_params(n_global, g),
+                           exemplar=sample_view_params(n_exemplars, g), beta=sample_beta(n_global, zeta, g),
+                           partner=torch.randperm(n_global, generator=g, device=device))
+
+
+# ============ 4. Networks: ResNet-18 (CIFAR stem), projector, momentum copies (section 2) ============
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNet18(nn.Module):
+    """torchvision's resnet18 with the CIFAR stem (3x3 conv, stride 1, no max-pool) and no fc.
+    Same module names, so state dicts interchange with torchvision's (a test checks parity);
+    `width` scales every stage (64 = ResNet-18; smaller widths keep CPU tests fast)."""
+
+    def __init__(self, width=64):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.Identity()
+        widths = [width, 2 * width, 4 * width, 8 * width]
+        cin = width
+        for i, (w, stride) in enumerate(zip(widths, (1, 2, 2, 2))):
+            setattr(self, f"layer{i + 1}", nn.Sequential(BasicBlock(cin, w, stride), BasicBlock(w, w, 1)))
+            cin = w
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Identity()
+        self.dim = cin
+        for m in self.modules():  # torchvision's initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class Network(nn.Module):
+    """Encoder f and projector g. One call forwards several views *separately* (each its own
+    BatchNorm batch, as ReSA does), so that DDP sees one forward per step."""
+
+    def __init__(self, width=64, hidden=2048, dim=512):
+        super().__init__()
+        self.encoder = ResNet18(width)
+        e = self.encoder.dim
+        self.projector = nn.Sequential(  # biases before BN would be cancelled by it
+            nn.Linear(e, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, dim, bias=False), nn.BatchNorm1d(dim, affine=False))
+
+    def forward(self, *views):
+        """Returns h of the first view (B, e) and z = norm(g(f(x))) of every view, in float32."""
+        hs = [self.encoder(v) for v in views]
+        return hs[0].float(), [F.normalize(self.projector(h).float(), dim=-1) for h in hs]
+
+
+class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """SyncBatchNorm for CPU processes (gloo): torch's SyncBatchNorm runs on GPUs only. Batch
+    statistics are summed over processes with a differentiable all-reduce."""
+
+    def _check_input_dim(self, x):
+        pass
+
+    def forward(self, x):
+        if not (self.training and dist.is_initialized()):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+        dims = [0] + list(range(2, x.dim()))
+        n = torch.tensor(float(x.numel() // x.shape[1]))
+        stats = all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), n.view(1)]))
+        c = x.shape[1]
+        total = stats[-1]
+        mean = stats[:c] / total
+        var = stats[c:2 * c] / total - mean * mean
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * total / (total - 1), self.momentum)
+        shape = [1, c] + [1] * (x.dim() - 2)
+        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+
+
+def sync_batchnorm(module, device):
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            new = CPUSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine)
+            new.load_state_dict(child.state_dict())
+            setattr(module, name, new)
+        else:
+            sync_batchnorm(child, device)
+    return module
+
+
+@torch.no_grad()
+def ema_update(momentum_net, online_net, m):
+    """theta' <- m theta' + (1 - m) theta, after each optimiser step."""
+    torch._foreach_lerp_(list(momentum_net.parameters()), list(online_net.parameters()), 1 - m)
+
+
+def ema_schedule(step, total_steps, start):
+    return 1 - (1 - start) * (math.cos(math.pi * step / total_steps) + 1) / 2
+
+
+# ============ 5. ReSA base loss L_resa (METHOD.md section 3) ============
+def soft_cross_entropy(target, logits):
+    """CE(target, logits) = -(target * log_softmax(logits)).sum(-1).mean()."""
+    return -(target * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+
+
+def sinkhorn(scores, eps=0.05, iters=3):
+    """Sinkhorn-Knopp on exp(scores / eps), scores (B, B_g) for this process's rows of the global
+    batch. Alternately normalises columns (sums all-reduced over processes) and rows; returns A with
+    rows summing to 1 and columns approaching equal mass."""
+    top = scores.max()
+    if dist.is_initialized():
+        dist.all_reduce(top, op=dist.ReduceOp.MAX)
+    q = torch.exp((scores - top) / eps)  # a global shift cancels in the first normalisation
+    for _ in range(iters):
+        col = q.sum(0, keepdim=True)
+        if dist.is_initialized():
+            dist.all_reduce(col)
+        q = q / col
+        q = q / q.sum(1, keepdim=True)
+    return q
+
+
+def resa_loss(z1, z2, k1, k2, assignment, temperature=0.4):
+    """L_resa: mean over ordered view pairs (q, v), q != v, of CE(A, z_q @ z'_v^T / T).
+    z1, z2: (B, d) online embeddings; k1, k2: (B_g, d) momentum embeddings of the global batch;
+    assignment: (B, B_g) Sinkhorn target."""
+    return (soft_cross_entropy(assignment, z1 @ k2.T / temperature)
+            + soft_cross_entropy(assignment, z2 @ k1.T / temperature)) / 2
+
+
+# ============ 6. Exemplar-guided prototype construction (METHOD.md section 4) ============
+class MemoryBank:
+    """FIFO queue of the last K momentum weak-view embeddings. `ids` records which training image
+    each slot holds (read by diagnostics only). Pointer and fill count are device tensors, so
+    enqueueing never synchronises with the host."""
+
+    def __init__(self, size, dim, device):
+        self.feats = torch.zeros(size, dim, device=device)
+        self.ids = torch.full((size,), -1, dtype=torch.long, device=device)
+        self.ptr = torch.zeros((), dtype=torch.long, device=device)
+        self.filled = torch.zeros((), dtype=torch.long, device=device)
+
+    @torch.no_grad()
+    def enqueue(self, feats, ids):
+        K = self.feats.shape[0]
+        slots = (self.ptr + torch.arange(feats.shape[0], device=feats.device)) % K
+        self.feats[slots] = feats
+        self.ids[slots] = ids
+        self.ptr = (self.ptr + feats.shape[0]) % K
+        self.filled = (self.filled + feats.shape[0]).clamp(max=K)
+
+    def valid(self):
+        return torch.arange(self.feats.shape[0], device=self.feats.device) < self.filled
+
+    def state_dict(self):
+        return dict(feats=self.feats, ids=self.ids, ptr=self.ptr, filled=self.filled)
+
+    def load_state_dict(self, s):
+        for k, v in s.items():
+            setattr(self, k, v.to(self.feats.device))
+
+
+def discriminative_scores(bank, exemplars, alpha=0.75):
+    """s(c, j) = alpha <m_j, z_l^c> - (1 - alpha) max_{c' != c} <m_j, z_l^c'>.
+    bank: (K, d), exemplars: (C, d) (pass them detached) -> (C, K). An entry that is close to its
+    own exemplar but closer still to another class's exemplar scores low."""
+    sim = exemplars @ bank.T                                   # (C, K)
+    top2 = sim.topk(2, dim=0)                                  # best and second-best exemplar per entry
+    is_best = torch.arange(sim.shape[0], device=sim.device)[:, None] == top2.indices[0][None]
+    other = torch.where(is_best, top2.values[1][None], top2.values[0][None])
+    return alpha * sim - (1 - alpha) * other
+
+
+def build_prototypes(exemplars, bank, valid, k=8, alpha=0.75, tau_w=1.0):
+    """Prototype c^c = norm(sum_j pi^(c,j) q^(c,j)) over P^c = {z_l^c} U top-k bank entries by s(c, .).
+    exemplars: (C, d) online exemplar embeddings (with gradient); bank: (K, d) (no gradient);
+    valid: (K,) bool, filled slots. Returns prototypes (C, d), neighbour indices (C, k) and soft
+    weights (C, k + 1), column 0 being the exemplar's. Slots not yet filled get weight 0."""
+    scores = discriminative_scores(bank, exemplars.detach(), alpha).masked_fill(~valid[None], float("-inf"))
+    top, idx = scores.topk(k, dim=1)                           # a discrete choice: no gradient
+    members = torch.cat([exemplars[:, None], bank[idx]], 1)    # (C, k + 1, d)
+    logits = (exemplars[:, None] * members).sum(-1) / tau_w
+    logits = torch.cat([logits[:, :1], logits[:, 1:].masked_fill(top == float("-inf"), float("-inf"))], 1)
+    weights = logits.softmax(1)
+    return F.normalize((weights[..., None] * members).sum(1), dim=-1), idx, weights
+
+
+# ============ 7. Exemplar-guided prototype learning: L_proto = L_align + L_disp (section 5) ============
+def assign(z, prototypes, tau):
+    """Soft assignment p = softmax(z @ c^T / tau), (N, d) x (C, d) -> (N, C)."""
+    return (z @ prototypes.T / tau).softmax(-1)
+
+
+def align_loss(z1, z2, prototypes, target1, target2, tau_s=0.1):
+    """L_align: each view predicts the other's teacher assignment.
+    (CE(p'_2, z1 @ c^T / tau_s) + CE(p'_1, z2 @ c^T / tau_s)) / 2, z: (B, d), targets: (B, C).
+    Its gradient on z is (E_p[c] - E_p'[c]) / tau_s: z moves towards the target's prototype centroid."""
+    return (soft_cross_entropy(target2, z1 @ prototypes.T / tau_s)
+            + soft_cross_entropy(target1, z2 @ prototypes.T / tau_s)) / 2
+
+
+def dispersion_loss(prototypes, tau_s=0.1, mode="mean"):
+    """L_disp over the C prototypes (C, d). mean: (1/(C(C-1))) sum_{c != c'} <c^c, c^c'> / tau_s, the
+    paper's text (every pair pushed equally). logsumexp: (1/C) sum_c log mean_{c' != c} exp(<c^c, c^c'> / tau_s),
+    the contrastive form (closest pairs pushed hardest)."""
+    C = prototypes.shape[0]
+    sim = prototypes @ prototypes.T / tau_s
+    off = ~torch.eye(C, dtype=torch.bool, device=sim.device)
+    if mode == "mean":
+        return sim[off].mean()
+    return (torch.logsumexp(sim.masked_fill(~off, float("-inf")), dim=1) - math.log(C - 1)).mean()
+
+
+# ============ 8. Exemplar-guided interpolation consistency: L_mix (section 6) ============
+def interpolation_targets(beta, first, second):
+    """beta_i * first_i + (1 - beta_i) * second_i for (B,) beta and (B, N) distributions."""
+    return beta[:, None] * first + (1 - beta[:, None]) * second
+
+
+def instance_mix_target(beta, own, partner, n_global):
+    """Target over the 2 B_g momentum embeddings [z'1 ; z'2]: beta_i on column own_i (weak view of i),
+    1 - beta_i on column B_g + partner_i (strong view of the partner); indices are global."""
+    eye = torch.eye(2 * n_global, device=beta.device)
+    return interpolation_targets(beta, eye[own], eye[n_global + partner])
+
+
+def mix_proto_loss(z_mix, prototypes, target, tau_s=0.1):
+    """L_mix_proto = CE(p_m, z_m @ c^T / tau_s), z_mix: (B, d), target p_m: (B, C). The step passes
+    detached prototypes: mixed points move, prototypes are not dragged towards class boundaries."""
+    return soft_cross_entropy(target, z_mix @ prototypes.T / tau_s)
+
+
+def mix_instance_loss(z_mix, keys, target, temperature=0.4):
+    """L_mix_ins = CE(target, z_m @ [z'1 ; z'2]^T / T), keys: (2 B_g, d), target: (B, 2 B_g)."""
+    return soft_cross_entropy(target, z_mix @ keys.T / temperature)
+
+
+# ============ 9. Training step: L = L_resa + lambda L_proto + mu L_mix (section 7) ============
+def gather(x):
+    """Concatenate x from every process along dim 0 (no gradient)."""
+    if not dist.is_initialized():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def training_step(run, images, ids, rnd, lr, m):
+    """One optimiser step on this process's uint8 images (B, 3, H, W) with global sample ids (B_g,).
+    Returns the loss terms as detached device tensors (no host synchronisation)."""
+    cfg, B, Bg = run.cfg, images.shape[0], ids.shape[0]
+    rows = slice(run.rank * B, (run.rank + 1) * B)
+    local = lambda p: {k: v[rows] for k, v in p.items()}
+    use_exemplars = cfg.lambda_proto > 0 or cfg.mu_mix > 0
+    x1 = run.to_net(augment(images, local(rnd.weak), run.mean, run.std, strong=False))
+    x2 = run.to_net(augment(images, local(rnd.strong), run.mean, run.std, strong=True))
+    views = [x1, x2]
+    if cfg.mu_mix > 0:
+        beta, partner = rnd.beta[rows], rnd.partner[rows]
+        b = beta.view(-1, 1, 1, 1)
+        views.append(b * x1 + (1 - b) * gather(x2)[partner])
+    if use_exemplars:
+        views.append(run.to_net(augment(run.exemplar_images, rnd.exemplar, run.mean, run.std, strong=False)))
+
+    with torch.no_grad(), run.autocast():
+        h1m, (z1m, z2m) = run.momentum(x1, x2)
+    h1m, z1m, z2m = gather(h1m), gather(z1m), gather(z2m)      # (B_g, .) global momentum outputs
+    with run.autocast():
+        h1, z = run.online(*views)
+    with torch.no_grad():
+        A = sinkhorn(F.normalize(h1, dim=-1) @ F.normalize(h1m, dim=-1).T, cfg.sinkhorn_eps, cfg.sinkhorn_iters)
+    losses = {"resa": resa_loss(z[0], z[1], z1m, z2m, A, cfg.resa_temp)}
+    loss = losses["resa"]
+    if use_exemplars:
+        protos, nbr, _ = build_prototypes(z[-1], run.bank.feats, run.bank.valid(), cfg.k, cfg.alpha, cfg.tau_w)
+        with torch.no_grad():  # teacher assignments p'_v of the global batch against sg(c)
+            t1, t2 = assign(z1m, protos, cfg.tau_t), assign(z2m, protos, cfg.tau_t)
+            labels = run.labels[run.bank.ids[nbr]]  # diagnostic only: never reaches the loss
+            hit = (labels == torch.arange(len(labels), device=labels.device)[:, None]).float()
+            losses["nbr_precision"] = (hit * run.bank.valid()[nbr]).sum() / run.bank.valid()[nbr].sum().clamp_min(1)
+        losses["align"] = align_loss(z[0], z[1], protos, t1[rows], t2[rows], cfg.tau_s)
+        losses["disp"] = dispersion_loss(protos, cfg.tau_s, cfg.dispersion)
+        loss = loss + cfg.lambda_proto * (losses["align"] + losses["disp"])
+        if cfg.mu_mix > 0:
+            own = torch.arange(B, device=beta.device) + run.rank * B
+            losses["mix_proto"] = mix_proto_loss(z[2], protos.detach(), interpolation_targets(beta, t1[rows], t2[partner]), cfg.tau_s)
+            losses["mix_ins"] = mix_instance_loss(z[2], torch.cat([z1m, z2m]), instance_mix_target(beta, own, partner, Bg), cfg.resa_temp)
+            loss = loss + cfg.mu_mix * (losses["mix_proto"] + losses["mix_ins"])
+    losses["loss"] = loss
+
+    for group in run.opt.param_groups:
+        group["lr"] = lr
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    run.opt.step()
+    ema_update(run.momentum_net, run.net, m)
+    if use_exemplars:
+        run.bank.enqueue(z1m, ids)
+    return {k: v.detach() for k, v in losses.items()}
+
+
+# ============ 10. Training loop: schedules, evaluation, checkpoints, logs ============
+def lr_schedule(step, total_steps, warmup_steps, peak, final_ratio):
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return peak * (final_ratio + (1 - final_ratio) * (math.cos(math.pi * t) + 1) / 2)
+
+
+def epoch_permutation(seed, epoch, n):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def save_checkpoint(path, obj):
+    """Write to a temporary file and rename: a crash while saving never replaces a good checkpoint."""
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def evaluate(run, eval_mem_x, eval_mem_y, test_x, test_y):
+    """k-NN on the momentum encoder's features (METHOD.md section 8)."""
+    feats = lambda x: knn_eval.extract_features(run.momentum_net.encoder, x, run.mean, run.std, run.to_net)
+    return knn_eval.knn_report(feats(eval_mem_x), eval_mem_y, feats(test_x), test_y, run.num_classes)
+
+
+def prepare_run_dir(cfg, method):
+    out = cfg.out or os.path.join("runs", f"{cfg.dataset}-{method}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if cfg.resume:
+        out = cfg.out or os.path.dirname(cfg.resume)
+    elif os.path.isdir(out) and os.listdir(out) and not cfg.overwrite:
+        raise UsageError(f"--out {out} already holds a run: resume it with --resume {out}/last.pt, "
+                         f"choose another --out, or pass --overwrite")
+    return out
+
+
+def read_checkpoint(path):
+    """Load an osessl checkpoint, refusing anything else with a UsageError."""
+    if not os.path.isfile(path):
+        raise UsageError(f"--resume {path}: no such file")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise UsageError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
+    if not isinstance(ck, dict) or "format" not in ck:
+        raise UsageError(f"{path} is not an osessl checkpoint")
+    if ck["format"] > CHECKPOINT_FORMAT:
+        raise UsageError(f"{path} has format {ck['format']}, newer than this osessl.py ({CHECKPOINT_FORMAT}): update osessl.py")
+    return ck
+
+
+def load_checkpoint(cfg, num_classes):
+    ck = read_checkpoint(cfg.resume)
+    if ck["config"]["dataset"] != cfg.dataset or ck["num_classes"] != num_classes:
+        raise UsageError(f"{cfg.resume} was trained on {ck['config']['dataset']} with {ck['num_classes']} classes, "
+                         f"not {cfg.dataset} with {num_classes}: pass the matching --dataset/--data-dir")
+    return ck
+
+
+def train(cfg, rank=0, world=1, device=None):
+    device = device or torch.device("cpu")
+    torch.manual_seed(cfg.seed)
+    train_x, train_y, test_x, test_y, num_classes = load_data(cfg)
+    ex_idx = select_exemplars(cfg, train_y, num_classes)
+    u_idx = unlabeled_indices(cfg, len(train_x), ex_idx)
+    ck = load_checkpoint(cfg, num_classes) if cfg.resume else None
+    if ck is not None:
+        ex_idx = ck["exemplars"]
+    Bg = cfg.batch_size * world
+    if Bg > len(u_idx):
+        raise UsageError(f"global batch {Bg} (--batch-size {cfg.batch_size} x {world} processes) is larger than the "
+                         f"{len(u_idx)} unlabeled training images: lower --batch-size")
+    if Bg > cfg.bank_size:
+        raise UsageError(f"global batch {Bg} exceeds --bank-size {cfg.bank_size}: enlarge the bank or lower --batch-size")
+    if num_classes < 2:
+        raise UsageError("the dataset has fewer than 2 classes: the discriminative score needs at least 2")
+    method = "osessl" if (cfg.lambda_proto > 0 or cfg.mu_mix > 0) else "resa"
+    out = prepare_run_dir(cfg, method)
+    cuda = device.type == "cuda"
+
+    # Images live on the device; the only label tensor the step sees feeds a logged diagnostic.
+    train_x = train_x.to(device)
+    mean, std = channel_stats(train_x)
+    net = Network(cfg.width, cfg.proj_hidden, cfg.proj_dim)
+    momentum = Network(cfg.width, cfg.proj_hidden, cfg.proj_dim)
+    momentum.load_state_dict(net.state_dict())
+    momentum.requires_grad_(False)
+    if world > 1:
+        net, momentum = sync_batchnorm(net, device), sync_batchnorm(momentum, device)
+    fmt = torch.channels_last if cuda else torch.contiguous_format
+    net, momentum = net.to(device, memory_format=fmt), momentum.to(device, memory_format=fmt)
+    online = nn.parallel.DistributedDataParallel(net, broadcast_buffers=False) if world > 1 else net
+    if cfg.compile:
+        online, momentum_fwd = torch.compile(online), torch.compile(momentum)
+    else:
+        momentum_fwd = momentum
+    peak_lr = cfg.lr * Bg / 256
+    opt = torch.optim.SGD(net.parameters(), lr=peak_lr, momentum=0.9, weight_decay=cfg.weight_decay,
+                          **({"fused": True} if cuda else {}))
+    bank = MemoryBank(cfg.bank_size, cfg.proj_dim, device)
+    run = SimpleNamespace(cfg=cfg, rank=rank, net=net, online=online, momentum=momentum_fwd, momentum_net=momentum, opt=opt, bank=bank,
+                          mean=mean, std=std, num_classes=num_classes, labels=train_y.to(device),
+                          exemplar_images=train_x[ex_idx.to(device)],
+                          to_net=lambda x: x.contiguous(memory_format=fmt),
+                          autocast=lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda))
+    steps_per_epoch = len(u_idx) // Bg
+    total = cfg.epochs * steps_per_epoch
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    step, sums, n_sum = 0, {}, 0
+    if ck is not None:
+        net.load_state_dict(ck["net"])
+        momentum.load_state_dict(ck["momentum"])
+        opt.load_state_dict(ck["opt"])
+        bank.load_state_dict(ck["bank"])
+        step, n_sum = ck["step"], ck["n_sum"]
+        sums = {k: v.to(device) for k, v in ck["sums"].items()}
+        torch.set_rng_state(ck["rng"])
+
+    def checkpoint():
+        if rank == 0:
+            save_checkpoint(os.path.join(out, "last.pt"), dict(
+                format=CHECKPOINT_FORMAT, config=asdict(cfg), num_classes=num_classes, step=step, epoch=step // steps_per_epoch,
+                net=net.state_dict(), momentum=momentum.state_dict(), opt=opt.state_dict(), bank=bank.state_dict(),
+                exemplars=ex_idx, sums=sums, n_sum=n_sum, rng=torch.get_rng_state()))
+
+    if rank == 0:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump(dict(asdict(cfg), world_size=world, num_classes=num_classes, exemplar_indices=ex_idx.tolist()), f, indent=1)
+        print(f"osessl: {method} on {cfg.dataset} ({len(u_idx)} unlabeled + {num_classes} exemplars, {len(test_x)} test) | "
+              f"{world} process(es) on {device.type}, global batch {Bg}, {steps_per_epoch} steps/epoch | run dir {out}", flush=True)
+    eval_x = train_x[torch.cat([u_idx, ex_idx]).unique().to(device)]  # k-NN memory: the training images in use
+    eval_y = train_y[torch.cat([u_idx, ex_idx]).unique()].to(device)
+    test_x, test_y = test_x.to(device), test_y.to(device)
+    u_dev = u_idx.to(device)
+    last = cfg.max_steps if cfg.max_steps else total
+    t_epoch, t_print, seen = time.time(), time.time(), 0
+    while step < min(last, total):
+        epoch, i = divmod(step, steps_per_epoch)
+        if i == 0 or step == (ck or {}).get("step"):
+            perm = u_dev[epoch_permutation(cfg.seed, epoch, len(u_idx)).to(device)]
+        ids = perm[i * Bg:(i + 1) * Bg]
+        mine = ids[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
+        rnd = step_randomness(cfg.seed, step, Bg, num_classes, cfg.zeta, device)
+        losses = training_step(run, train_x[mine], ids, rnd, lr_schedule(step, total, warmup, peak_lr, cfg.final_lr_ratio),
+                               ema_schedule(step, total, cfg.ema_start))
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0) + v
+        n_sum, step, seen = n_sum + 1, step + 1, seen + Bg
+        if rank == 0 and time.time() - t_print > 30 and step % steps_per_epoch:
+            t_print = time.time()
+            print(f"  epoch {epoch + 1} step {i + 1}/{steps_per_epoch} | {seen / (time.time() - t_epoch):.0f} img/s", flush=True)
+        if step % steps_per_epoch == 0 or step == last:
+            seconds = time.time() - t_epoch
+            row = dict(epoch=epoch + 1, step=step, **{k: round(float(v) / n_sum, 6) for k, v in sums.items()},
+                       lr=lr_schedule(step - 1, total, warmup, peak_lr, cfg.final_lr_ratio),
+                       momentum=ema_schedule(step - 1, total, cfg.ema_start), seconds=round(seconds, 2),
+                       images_per_s=round(seen / seconds, 1))
+            end = step == min(last, total)
+            if step % steps_per_epoch == 0 and (end or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
+                if rank == 0:
+                    row.update(evaluate(run, eval_x, eval_y, test_x, test_y))
+            if step % steps_per_epoch == 0:
+                sums, n_sum = {}, 0
+            if rank == 0:
+                with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                terms = " ".join(f"{k} {row[k]:.4f}" for k in ("loss", "resa", "align", "disp", "mix_proto", "mix_ins", "nbr_precision") if k in row)
+                knn = " ".join(f"{k} {v:.2f}%" for k, v in row.items() if k.startswith("knn"))
+                print(f"epoch {epoch + 1}/{cfg.epochs} | {terms} | lr {row['lr']:.4f} m {row['momentum']:.5f} | "
+                      f"{seconds:.1f}s {row['images_per_s']:.0f} img/s {knn}".rstrip(), flush=True)
+            checkpoint()
+            if world > 1:
+                dist.barrier()
+            t_epoch, seen = time.time(), 0
+    return out
+
+
+# ============ 11. Entry point: one process, or one per GPU under torchrun (nanoGPT style) ============
+def main(argv=None):
+    try:
+        cfg = parse_config(argv)
+        ddp = "RANK" in os.environ
+        if cfg.device == "cuda" and not torch.cuda.is_available():
+            raise UsageError("--device cuda but no CUDA device is visible: drop --device or use --device cpu")
+        use_cuda = torch.cuda.is_available() and cfg.device != "cpu"
+        rank, world = 0, 1
+        if ddp:
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            local_rank = int(os.environ.get("LOCAL_RANK", 0))
+            if use_cuda:
+                torch.cuda.set_device(local_rank)
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+        device = torch.device(f"cuda:{torch.cuda.current_device()}" if use_cuda else "cpu")
+        if use_cuda:
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        train(cfg, rank, world, device)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
