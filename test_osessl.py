@@ -1,0 +1,363 @@
+"""Tests for osessl: each states the paper's claim (METHOD.md) it checks. CPU only, synthetic data.
+
+Run: python -m pytest -q test_osessl.py
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import knn_eval
+import osessl as O
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# A small network keeps the CPU suite fast; test_resnet18_matches_torchvision runs the real one.
+TINY = ["--dataset", "synthetic", "--width", "8", "--proj-hidden", "64", "--proj-dim", "32", "--batch-size", "32",
+        "--bank-size", "128", "--k", "4", "--epochs", "2", "--synthetic-per-class", "32", "--eval-every", "1"]
+
+
+def tiny_config(tmp_path, *extra):
+    return O.parse_config(TINY + ["--out", str(tmp_path / "run")] + list(extra))
+
+
+def run_cli(*args, script="osessl.py", cwd=HERE, launcher=()):
+    return subprocess.run([sys.executable, *launcher, os.path.join(HERE, script), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def unit(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(*shape, generator=g, dtype=torch.float64), dim=-1)
+
+
+# ---------------- gradient checks, float64, for every loss term ----------------
+def test_gradcheck_resa_loss():
+    z1, z2 = unit(6, 5, seed=1).requires_grad_(), unit(6, 5, seed=2).requires_grad_()
+    k1, k2 = unit(6, 5, seed=3), unit(6, 5, seed=4)
+    A = O.sinkhorn(z1.detach() @ k1.T, 0.5, 3)
+    assert torch.autograd.gradcheck(lambda a, b: O.resa_loss(a, b, k1, k2, A, 0.4), (z1, z2))
+
+
+def test_gradcheck_sinkhorn():
+    s = torch.randn(5, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: O.sinkhorn(x, 0.5, 3), (s,))
+
+
+def proto_inputs(C=4, K=12, d=6):
+    bank = unit(K, d, seed=10)
+    return unit(C, d, seed=11).requires_grad_(), bank, torch.ones(K, dtype=torch.bool)
+
+
+def test_gradcheck_build_prototypes():
+    zl, bank, valid = proto_inputs()
+    assert torch.autograd.gradcheck(lambda e: O.build_prototypes(e, bank, valid, 3, 0.75, 0.5)[0], (zl,))
+    assert torch.autograd.gradcheck(lambda e: O.build_prototypes(e, bank, valid, 3, 0.75, 0.5)[2], (zl,))
+
+
+def test_gradcheck_align_loss_reaches_exemplars():
+    zl, bank, valid = proto_inputs()
+    z1, z2 = unit(5, 6, seed=12).requires_grad_(), unit(5, 6, seed=13).requires_grad_()
+    t1, t2 = O.assign(unit(5, 6, seed=14), zl.detach(), 0.04), O.assign(unit(5, 6, seed=15), zl.detach(), 0.04)
+
+    def f(e, a, b):
+        return O.align_loss(a, b, O.build_prototypes(e, bank, valid, 3, 0.75, 1.0)[0], t1, t2, 0.1)
+    assert torch.autograd.gradcheck(f, (zl, z1, z2))
+    f(zl, z1, z2).backward()
+    assert zl.grad.abs().sum() > 0  # the exemplars are trained through their prototypes
+
+
+@pytest.mark.parametrize("mode", ["mean", "logsumexp"])
+def test_gradcheck_dispersion_loss(mode):
+    zl, bank, valid = proto_inputs()
+    f = lambda e: O.dispersion_loss(O.build_prototypes(e, bank, valid, 3, 0.75, 1.0)[0], 0.1, mode)
+    assert torch.autograd.gradcheck(f, (zl,))
+
+
+def test_gradcheck_mix_losses():
+    zm = unit(5, 6, seed=20).requires_grad_()
+    protos = unit(4, 6, seed=21).requires_grad_()
+    beta = torch.rand(5, dtype=torch.float64)
+    partner = torch.randperm(5)
+    t1, t2 = O.assign(unit(5, 6, seed=22), protos.detach(), 0.04), O.assign(unit(5, 6, seed=23), protos.detach(), 0.04)
+    target = O.interpolation_targets(beta, t1, t2[partner])
+    assert torch.autograd.gradcheck(lambda z, c: O.mix_proto_loss(z, c, target, 0.1), (zm, protos))
+    keys = unit(10, 6, seed=24).requires_grad_()
+    tgt = O.instance_mix_target(beta, torch.arange(5), partner, 5).double()
+    assert torch.autograd.gradcheck(lambda z, k: O.mix_instance_loss(z, k, tgt, 0.4), (zm, keys))
+
+
+# ---------------- the paper's claims ----------------
+def test_alignment_gradient_pulls_z_towards_target_centroid():
+    """grad_z CE(p', z @ c^T / tau_s) = (E_p[c] - E_p'[c]) / tau_s for unnormalised z and fixed p'.
+    align_loss averages the two directions, so its z1-gradient is half of that."""
+    tau = 0.1
+    z1 = torch.randn(1, 6, dtype=torch.float64, requires_grad=True) * 1
+    z1.retain_grad()
+    c = unit(4, 6, seed=30)
+    target = torch.tensor([[0.1, 0.6, 0.2, 0.1]], dtype=torch.float64)
+    O.align_loss(z1, unit(1, 6, seed=31), c, target, target, tau).backward()
+    p = (z1.detach() @ c.T / tau).softmax(-1)
+    expected = (p @ c - target @ c) / tau / 2
+    assert torch.allclose(z1.grad, expected, atol=1e-12)
+    # a gradient step moves z towards the target's centroid: its assignment gets closer to p'
+    z_new = z1.detach() - 0.01 * z1.grad
+    kl = lambda z: F.kl_div((z @ c.T / tau).log_softmax(-1), target, reduction="sum")
+    assert kl(z_new) < kl(z1.detach())
+
+
+def test_sinkhorn_rows_sum_to_one_and_columns_equalise():
+    s = F.normalize(torch.randn(64, 16), dim=1)
+    scores = s @ s.T
+    few = O.sinkhorn(scores, 0.05, 3)
+    many = O.sinkhorn(scores, 0.05, 500)
+    raw = torch.exp((scores - scores.max()) / 0.05)
+    raw = raw / raw.sum(1, keepdim=True)
+    for A in (few, many):
+        assert torch.allclose(A.sum(1), torch.ones(64), atol=1e-5)
+    assert torch.allclose(many.sum(0), torch.ones(64), atol=1e-3)      # equal column mass in the limit
+    assert few.sum(0).std() < raw.sum(0).std()                         # 3 iterations already equalise
+
+
+def hand_built_bank():
+    """Exemplar 0 = e_x, exemplar 1 between e_x and e_y. Entry b is similar to exemplar 0 (0.80) but even
+    more to exemplar 1 (0.96); entry c2 is less similar to exemplar 0 (0.70) and far from exemplar 1."""
+    ex = torch.tensor([[1.0, 0, 0], [0.6, 0.8, 0]])
+    a = F.normalize(torch.tensor([0.95, 0, 0.312]), dim=0)
+    b = torch.tensor([0.8, 0.6, 0])
+    c2 = F.normalize(torch.tensor([0.7, -0.714, 0]), dim=0)
+    far = torch.tensor([0.0, 0, -1])
+    return ex, torch.stack([a, b, c2, far])
+
+
+def test_neighbour_close_to_another_exemplar_is_rejected():
+    ex, bank = hand_built_bank()
+    valid = torch.ones(4, dtype=torch.bool)
+    plain = (ex @ bank.T)[0].topk(2).indices.tolist()
+    assert sorted(plain) == [0, 1]                                     # plain similarity takes b
+    _, idx, w = O.build_prototypes(ex, bank, valid, k=2, alpha=0.75, tau_w=1.0)
+    assert sorted(idx[0].tolist()) == [0, 2]                           # the discriminative score takes c2 instead
+    assert 1 not in idx[0].tolist()
+    assert torch.allclose(w.sum(1), torch.ones(2))
+    assert (w[:, 0] >= w[:, 1:].max(1).values).all()                  # the exemplar itself weighs the most
+
+
+def test_memory_bank_fifo_and_only_filled_slots():
+    bank = O.MemoryBank(5, 3, torch.device("cpu"))
+    bank.enqueue(torch.ones(3, 3), torch.tensor([0, 1, 2]))
+    assert bank.valid().tolist() == [True, True, True, False, False]
+    bank.enqueue(2 * torch.ones(3, 3), torch.tensor([3, 4, 5]))
+    assert bank.ids.tolist() == [5, 1, 2, 3, 4]                          # oldest overwritten first, wrapped
+    assert bank.valid().all() and int(bank.ptr) == 1
+    # unfilled slots are never selected, even when they would score highest
+    ex, entries = hand_built_bank()
+    feats = torch.cat([entries[:2], ex[:1].repeat(3, 1)])                # slots 2-4 hold copies of exemplar 0
+    valid = torch.tensor([True, True, False, False, False])
+    _, idx, w = O.build_prototypes(ex, feats, valid, k=3, alpha=0.75)
+    assert all(int(i) < 2 or float(wt) == 0 for row_i, row_w in zip(idx, w[:, 1:]) for i, wt in zip(row_i, row_w))
+    assert torch.allclose(w.sum(1), torch.ones(2))
+
+
+def test_mixup_targets_are_the_stated_convex_combinations():
+    beta = torch.tensor([0.3, 0.9, 0.5])
+    p1 = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0.5, 0.5, 0]])
+    p2 = torch.tensor([[0, 0, 1.0], [0, 0.5, 0.5], [1, 0, 0]])
+    partner = torch.tensor([2, 0, 1])
+    t = O.interpolation_targets(beta, p1, p2[partner])
+    assert torch.allclose(t[0], 0.3 * p1[0] + 0.7 * p2[2])
+    assert torch.allclose(t.sum(1), torch.ones(3))
+    # instance level, 2 processes of 3 rows, this is rank 1 (global rows 3..5) of B_g = 6
+    own, gpartner = torch.tensor([3, 4, 5]), torch.tensor([0, 5, 2])
+    T = O.instance_mix_target(beta, own, gpartner, 6)
+    assert T.shape == (3, 12)
+    assert T[0, 3] == pytest.approx(0.3) and T[0, 6 + 0] == pytest.approx(0.7)
+    assert T[1, 4] == pytest.approx(0.9) and T[1, 6 + 5] == pytest.approx(0.1)
+    assert torch.allclose(T.sum(1), torch.ones(3))
+
+
+def test_beta_sampler_matches_beta_moments():
+    for zeta in (0.4, 1.0, 2.0):
+        b = O.sample_beta(200_000, zeta, O.step_generator(0, 0, torch.device("cpu")))
+        assert 0 <= b.min() and b.max() <= 1
+        assert b.mean() == pytest.approx(0.5, abs=0.01)
+        assert b.var() == pytest.approx(1 / (4 * (2 * zeta + 1)), rel=0.03)
+
+
+def test_dispersion_modes():
+    """mean (the paper's text): every pair is pushed apart with the same weight; logsumexp: the
+    closest pair the hardest. The gradient on prototype i is sum_j W_ij c^j; we read W off it."""
+    c = F.normalize(torch.tensor([[1.0, 0, 0, 0], [0.9, 0.43, 0, 0], [0, 0, 1.0, 0.2], [0, 1.0, 0, 0.5]],
+                                 dtype=torch.float64), dim=1).requires_grad_()
+    for mode in ("mean", "logsumexp"):
+        (g,) = torch.autograd.grad(O.dispersion_loss(c, 0.1, mode), c)
+        W = g @ torch.linalg.inv(c.detach())                     # g = W c
+        off = W[~torch.eye(4, dtype=torch.bool)]
+        if mode == "mean":
+            assert torch.allclose(off, off[0].expand_as(off))
+        else:
+            assert W[0, 1] > 5 * W[0, 2] and W[0, 1] > 5 * W[0, 3]  # 0 and 1 are the closest pair
+    sim = c.detach() @ c.detach().T
+    assert O.dispersion_loss(c, 0.1, "mean").item() == pytest.approx((sim.sum() - 4).item() / 12 / 0.1)
+
+
+# ---------------- augmentation ----------------
+def test_augmentation_shapes_ranges_randomness_and_reproducibility():
+    x = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8).repeat(16, 1, 1, 1)
+    mean, std = torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.2, 0.25, 0.3])
+    p = O.step_randomness(0, 7, 16, 2, 1.0, torch.device("cpu"))
+    for strong, params in ((False, p.weak), (True, p.strong)):
+        v = O.augment(x, params, mean, std, strong)
+        assert v.shape == (16, 3, 32, 32) and v.dtype == torch.float32
+        lo, hi = (0 - mean) / std, (1 - mean) / std
+        assert (v >= lo.view(1, 3, 1, 1) - 1e-5).all() and (v <= hi.view(1, 3, 1, 1) + 1e-5).all()
+        assert not torch.allclose(v[0], v[1])                          # same image, its own crop per sample
+    again = O.step_randomness(0, 7, 16, 2, 1.0, torch.device("cpu"))
+    assert torch.equal(O.augment(x, again.strong, mean, std, True), O.augment(x, p.strong, mean, std, True))
+    other = O.step_randomness(0, 8, 16, 2, 1.0, torch.device("cpu"))
+    assert not torch.equal(O.augment(x, other.strong, mean, std, True), O.augment(x, p.strong, mean, std, True))
+
+
+def test_full_box_without_flip_is_identity():
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    p = dict(box=torch.tensor([[0.0, 0, 32, 32]] * 2), flip=torch.tensor([False, True]))
+    v = O.augment(x, p, torch.zeros(3), torch.ones(3), strong=False)
+    assert torch.allclose(v[0], x[0].float() / 255, atol=1e-5)
+    assert torch.allclose(v[1], x[1].float().flip(-1) / 255, atol=1e-5)
+
+
+def test_hue_shift_matches_torchvision():
+    from torchvision.transforms.functional import adjust_hue
+    x = torch.rand(4, 3, 8, 8)
+    shifts = torch.tensor([-0.1, -0.03, 0.05, 0.1])
+    ours = O._shift_hue(x, shifts)
+    ref = torch.stack([adjust_hue(x[i], float(shifts[i])) for i in range(4)])
+    assert torch.allclose(ours, ref, atol=1e-4)
+
+
+# ---------------- networks ----------------
+def test_resnet18_matches_torchvision():
+    """Our ResNet-18 is torchvision's resnet18 with the CIFAR stem: same state dict, same outputs."""
+    import torchvision
+    ref = torchvision.models.resnet18()
+    ref.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    ref.maxpool, ref.fc = torch.nn.Identity(), torch.nn.Identity()
+    ours = O.ResNet18(64)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    ref.eval(), ours.eval()
+    with torch.no_grad():
+        assert torch.allclose(ours(x), ref(x), atol=1e-5)
+    assert sum(p.numel() for p in ours.parameters()) == 11_168_832
+
+
+# ---------------- training ----------------
+def params_of(run_dir):
+    ck = torch.load(os.path.join(run_dir, "last.pt"), weights_only=False)
+    return ck["net"], ck["momentum"]
+
+
+def test_lambda_mu_zero_is_exactly_resa(tmp_path):
+    """With lambda = mu = 0 the step is plain ReSA: compare with a ReSA reference written here."""
+    cfg = tiny_config(tmp_path, "--lambda-proto", "0", "--mu-mix", "0", "--max-steps", "3", "--eval-every", "0")
+    out = O.train(cfg)
+    torch.manual_seed(cfg.seed)
+    tx, ty, _, _, C = O.load_data(cfg)
+    u = O.unlabeled_indices(cfg, len(tx), O.select_exemplars(cfg, ty, C))
+    mean, std = O.channel_stats(tx)
+    net, mom = O.Network(8, 64, 32), O.Network(8, 64, 32)
+    mom.load_state_dict(net.state_dict())
+    opt = torch.optim.SGD(net.parameters(), lr=0.3 * 32 / 256, momentum=0.9, weight_decay=1e-4)
+    spe = len(u) // 32
+    for step in range(3):
+        ids = u[O.epoch_permutation(cfg.seed, 0, len(u))][step * 32:(step + 1) * 32]
+        r = O.step_randomness(cfg.seed, step, 32, C, 1.0, torch.device("cpu"))
+        x1, x2 = O.augment(tx[ids], r.weak, mean, std, False), O.augment(tx[ids], r.strong, mean, std, True)
+        with torch.no_grad():
+            hm, (k1, k2) = mom(x1, x2)
+        h, (z1, z2) = net(x1, x2)
+        A = O.sinkhorn(F.normalize(h.detach(), dim=-1) @ F.normalize(hm, dim=-1).T, 0.05, 3)
+        loss = O.resa_loss(z1, z2, k1, k2, A, 0.4)
+        for g in opt.param_groups:
+            g["lr"] = O.lr_schedule(step, 2 * spe, 2 * spe, 0.3 * 32 / 256, 0.1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        O.ema_update(mom, net, O.ema_schedule(step, 2 * spe, 0.996))
+    trained, trained_m = params_of(out)
+    for k, v in net.state_dict().items():
+        assert torch.equal(trained[k], v), k
+    for k, v in mom.state_dict().items():
+        assert torch.equal(trained_m[k], v), k
+
+
+def test_label_isolation(tmp_path, monkeypatch):
+    """Training reads no label but the C exemplars': permuting all other labels changes nothing."""
+    real = O.make_synthetic
+    ex = json.dumps(list(range(10)))  # synthetic labels are i % 10, so images 0..9 are one per class
+    (tmp_path / "ex.json").write_text(ex)
+    cfg = lambda name: tiny_config(tmp_path / name, "--exemplars", str(tmp_path / "ex.json"), "--max-steps", "4",
+                                   "--eval-every", "0")
+    a = O.train(cfg("a"))
+
+    def permuted(*args, **kw):
+        tx, ty, vx, vy, C = real(*args, **kw)
+        rest = ty[10:]
+        ty = torch.cat([ty[:10], rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(5))]])
+        return tx, ty, vx, vy, C
+    monkeypatch.setattr(O, "make_synthetic", permuted)
+    assert not torch.equal(O.load_data(cfg("b"))[1], real(10, 32, seed=0)[1])
+    b = O.train(cfg("b"))
+    for (k, v), w in zip(params_of(a)[0].items(), params_of(b)[0].values()):
+        assert torch.equal(v, w), k
+
+
+def test_end_to_end_cli_and_knn_eval(tmp_path):
+    out = tmp_path / "run"
+    r = run_cli(*TINY, "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert {"config.json", "metrics.jsonl", "last.pt"} <= set(os.listdir(out))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    for key in ("loss", "resa", "align", "disp", "mix_proto", "mix_ins", "lr", "momentum", "seconds",
+                "images_per_s", "knn5", "knn20_cos", "knn200_cos", "nbr_precision"):
+        assert key in rows[-1], key
+    assert "epoch 2/2" in r.stdout
+    e = run_cli("--checkpoint", str(out / "last.pt"), script="knn_eval.py")
+    assert e.returncode == 0, e.stderr
+    assert "ReSA 5-NN majority vote, Euclidean, momentum encoder" in e.stdout
+    assert "weighted cosine 200-NN" in e.stdout
+
+
+def test_knn_protocols_on_separable_features():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(5, 16, generator=g) * 5
+    y = torch.arange(500) % 5
+    f = centres[y] + torch.randn(500, 16, generator=g)
+    yt = torch.arange(100) % 5
+    ft = centres[yt] + torch.randn(100, 16, generator=g)
+    res = knn_eval.knn_report(f, y, ft, yt, 5)
+    assert all(v > 95 for v in res.values())
+    assert knn_eval.knn_majority(f, y[torch.randperm(500, generator=g)], ft, yt, 5) < 50
+
+
+def test_two_process_torchrun_on_cpu(tmp_path):
+    out = tmp_path / "ddp"
+    r = run_cli(*TINY, "--batch-size", "16", "--max-steps", "4", "--out", str(out),
+                launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["world_size"] == 2
+    assert (out / "last.pt").exists()
+
+
+def test_offline_cifar_download_fails_clearly(tmp_path, monkeypatch):
+    import torchvision
+
+    def offline(*a, **k):
+        raise OSError("network unreachable")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", offline)
+    with pytest.raises(O.UsageError, match="--dataset imagefolder --data-dir data/cifar100"):
+        O.load_data(O.parse_config(["--dataset", "cifar100", "--data-dir", str(tmp_path)]))
