@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -96,6 +97,7 @@ class Config:
     resume: str = opt("", "checkpoint (last.pt) to continue from")
     compile: bool = opt(False, "torch.compile the networks")
     device: str = opt("", "cuda | cpu (default: cuda when available)")
+    float64: bool = opt(False, "CPU only: compute in float64 (tests use it to tell real differences from float32 roundoff)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -104,17 +106,28 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def parse_config(argv=None) -> Config:
+def build_parser(defaults=True):
     p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(Config):
-        flag = "--" + f.name.replace("_", "-")
+        flag, default = "--" + f.name.replace("_", "-"), f.default if defaults else argparse.SUPPRESS
         if isinstance(f.default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f.metadata["help"])
         else:
-            p.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"])
-    cfg = Config(**vars(p.parse_args(argv)))
+            p.add_argument(flag, type=type(f.default), default=default, help=f.metadata["help"])
+    return p
+
+
+def parse_config(argv=None) -> Config:
+    cfg = Config(**vars(build_parser().parse_args(argv)))
+    if cfg.resume:  # the run's own settings, except those given on this command line
+        given = vars(build_parser(defaults=False).parse_args(argv))
+        saved = {k: v for k, v in read_checkpoint(cfg.resume)["config"].items() if k not in RUN_CONTROL}
+        cfg = Config(**{**asdict(cfg), **saved, **given})
     check_config(cfg)
     return cfg
+
+
+RUN_CONTROL = ("out", "overwrite", "resume", "max_steps", "compile", "device")
 
 
 def check_config(cfg: Config):
@@ -290,7 +303,8 @@ def channel_stats(x):
         s2 += (c * c).sum((0, 2, 3))
     n = x.shape[0] * x.shape[2] * x.shape[3]
     mean = s / n
-    return mean.float(), (s2 / n - mean * mean).sqrt().float()
+    dtype = torch.get_default_dtype()  # float32, or float64 under --float64
+    return mean.to(dtype), (s2 / n - mean * mean).sqrt().to(dtype)
 
 
 # ============ 3. Augmentation on the device: weak and strong views (METHOD.md section 1) ============
@@ -369,7 +383,7 @@ def color_jitter(x, factors, order):
 def augment(images, p, mean, std, strong):
     """uint8 images (B, 3, H, W) and per-sample parameters -> normalised float views (B, 3, H, W).
     One affine grid does crop, resize and flip for the whole batch."""
-    x = images.float() / 255
+    x = images.to(mean.dtype) / 255
     n, _, H, W = x.shape
     top, left, h, w = p["box"].unbind(1)
     theta = torch.zeros(n, 2, 3, device=x.device)
@@ -474,9 +488,11 @@ class Network(nn.Module):
             nn.Linear(hidden, dim, bias=False), nn.BatchNorm1d(dim, affine=False))
 
     def forward(self, *views):
-        """Returns h of the first view (B, e) and z = norm(g(f(x))) of every view, in float32."""
+        """Returns h of the first view (B, e) and z = norm(g(f(x))) of every view, in float32 (the
+        losses' precision, also under bf16 autocast)."""
         hs = [self.encoder(v) for v in views]
-        return hs[0].float(), [F.normalize(self.projector(h).float(), dim=-1) for h in hs]
+        full = lambda t: t.to(torch.get_default_dtype())
+        return full(hs[0]), [F.normalize(full(self.projector(h)), dim=-1) for h in hs]
 
 
 class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -860,51 +876,120 @@ def train(cfg, rank=0, world=1, device=None):
             json.dump(dict(asdict(cfg), world_size=world, num_classes=num_classes, exemplar_indices=ex_idx.tolist()), f, indent=1)
         print(f"osessl: {method} on {cfg.dataset} ({len(u_idx)} unlabeled + {num_classes} exemplars, {len(test_x)} test) | "
               f"{world} process(es) on {device.type}, global batch {Bg}, {steps_per_epoch} steps/epoch | run dir {out}", flush=True)
-    eval_x = train_x[torch.cat([u_idx, ex_idx]).unique().to(device)]  # k-NN memory: the training images in use
-    eval_y = train_y[torch.cat([u_idx, ex_idx]).unique()].to(device)
+    in_use = torch.cat([u_idx, ex_idx]).unique()  # k-NN memory: the training images in use
+    eval_x, eval_y = train_x[in_use.to(device)], train_y[in_use].to(device)
     test_x, test_y = test_x.to(device), test_y.to(device)
     u_dev = u_idx.to(device)
-    last = cfg.max_steps if cfg.max_steps else total
-    t_epoch, t_print, seen = time.time(), time.time(), 0
-    while step < min(last, total):
-        epoch, i = divmod(step, steps_per_epoch)
-        if i == 0 or step == (ck or {}).get("step"):
-            perm = u_dev[epoch_permutation(cfg.seed, epoch, len(u_idx)).to(device)]
-        ids = perm[i * Bg:(i + 1) * Bg]
-        mine = ids[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
-        rnd = step_randomness(cfg.seed, step, Bg, num_classes, cfg.zeta, device)
-        losses = training_step(run, train_x[mine], ids, rnd, lr_schedule(step, total, warmup, peak_lr, cfg.final_lr_ratio),
-                               ema_schedule(step, total, cfg.ema_start))
-        for k, v in losses.items():
-            sums[k] = sums.get(k, 0) + v
-        n_sum, step, seen = n_sum + 1, step + 1, seen + Bg
-        if rank == 0 and time.time() - t_print > 30 and step % steps_per_epoch:
-            t_print = time.time()
-            print(f"  epoch {epoch + 1} step {i + 1}/{steps_per_epoch} | {seen / (time.time() - t_epoch):.0f} img/s", flush=True)
-        if step % steps_per_epoch == 0 or step == last:
-            seconds = time.time() - t_epoch
-            row = dict(epoch=epoch + 1, step=step, **{k: round(float(v) / n_sum, 6) for k, v in sums.items()},
-                       lr=lr_schedule(step - 1, total, warmup, peak_lr, cfg.final_lr_ratio),
-                       momentum=ema_schedule(step - 1, total, cfg.ema_start), seconds=round(seconds, 2),
-                       images_per_s=round(seen / seconds, 1))
-            end = step == min(last, total)
-            if step % steps_per_epoch == 0 and (end or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
-                if rank == 0:
+    last = min(cfg.max_steps or total, total)
+    with Preemption(world) as stop:
+        t_epoch, t_print, seen, first_bad = time.time(), time.time(), 0, None
+        while step < last:
+            epoch, i = divmod(step, steps_per_epoch)
+            if i == 0 or step == (ck or {}).get("step"):
+                perm = u_dev[epoch_permutation(cfg.seed, epoch, len(u_idx)).to(device)]
+            ids = perm[i * Bg:(i + 1) * Bg]
+            mine = ids[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
+            rnd = step_randomness(cfg.seed, step, Bg, num_classes, cfg.zeta, device)
+            losses = training_step(run, train_x[mine], ids, rnd, lr_schedule(step, total, warmup, peak_lr, cfg.final_lr_ratio),
+                                   ema_schedule(step, total, cfg.ema_start))
+            # first step at which each term went non-finite, kept on the device (checked once per epoch)
+            finite = torch.stack([v.isfinite() for v in losses.values()])
+            first_bad = torch.full_like(finite, -1, dtype=torch.long) if first_bad is None else first_bad
+            first_bad = torch.where((first_bad < 0) & ~finite, step, first_bad)
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0) + v
+            n_sum, step, seen = n_sum + 1, step + 1, seen + Bg
+            if rank == 0 and time.time() - t_print > 30 and step % steps_per_epoch:
+                t_print = time.time()
+                print(f"  epoch {epoch + 1} step {i + 1}/{steps_per_epoch} | {seen / (time.time() - t_epoch):.0f} img/s", flush=True)
+            interrupted = stop.requested(step)
+            if step % steps_per_epoch and step != last and not interrupted:
+                continue
+            check_finite(first_bad, list(losses), out)  # before saving: the last good checkpoint stays
+            if step % steps_per_epoch == 0:  # a metrics row per completed epoch
+                seconds = time.time() - t_epoch
+                row = dict(epoch=epoch + 1, step=step, **epoch_means(sums, n_sum, world),
+                           lr=lr_schedule(step - 1, total, warmup, peak_lr, cfg.final_lr_ratio),
+                           momentum=ema_schedule(step - 1, total, cfg.ema_start), seconds=round(seconds, 2),
+                           images_per_s=round(seen / seconds, 1))
+                if rank == 0 and (step == total or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
                     row.update(evaluate(run, eval_x, eval_y, test_x, test_y))
-            if step % steps_per_epoch == 0:
                 sums, n_sum = {}, 0
-            if rank == 0:
-                with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                terms = " ".join(f"{k} {row[k]:.4f}" for k in ("loss", "resa", "align", "disp", "mix_proto", "mix_ins", "nbr_precision") if k in row)
-                knn = " ".join(f"{k} {v:.2f}%" for k, v in row.items() if k.startswith("knn"))
-                print(f"epoch {epoch + 1}/{cfg.epochs} | {terms} | lr {row['lr']:.4f} m {row['momentum']:.5f} | "
-                      f"{seconds:.1f}s {row['images_per_s']:.0f} img/s {knn}".rstrip(), flush=True)
+                if rank == 0:
+                    log_epoch(out, row, cfg.epochs)
             checkpoint()
             if world > 1:
                 dist.barrier()
+            if interrupted:
+                raise Interrupted(f"stopped by {stop.name} at step {step}; checkpoint saved: resume with the same command "
+                                  f"plus --resume {os.path.join(out, 'last.pt')}", 128 + stop.signum)
             t_epoch, seen = time.time(), 0
     return out
+
+
+def epoch_means(sums, n, world):
+    """Epoch means of the loss terms over every process: one reduction and one host copy per epoch."""
+    names = list(sums)
+    v = torch.stack([sums[k] for k in names]).float() / n
+    if world > 1:
+        dist.all_reduce(v)
+        v /= world
+    return {k: round(x, 6) for k, x in zip(names, v.tolist())}
+
+
+def log_epoch(out, row, epochs):
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+    terms = " ".join(f"{k} {row[k]:.4f}" for k in ("loss", "resa", "align", "disp", "mix_proto", "mix_ins", "nbr_precision") if k in row)
+    knn = " ".join(f"{k} {v:.2f}%" for k, v in row.items() if k.startswith("knn"))
+    print(f"epoch {row['epoch']}/{epochs} | {terms} | lr {row['lr']:.4f} m {row['momentum']:.5f} | "
+          f"{row['seconds']:.1f}s {row['images_per_s']:.0f} img/s {knn}".rstrip(), flush=True)
+
+
+class Interrupted(Exception):
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+
+
+def check_finite(first_bad, names, out):
+    bad = first_bad.tolist()
+    hits = [(s, n) for s, n in zip(bad, names) if s >= 0]
+    if hits:
+        s = min(s for s, _ in hits)
+        terms = ", ".join(n for t, n in hits if t == s)
+        raise Interrupted(f"non-finite loss at step {s} ({terms}); stopped without saving, the last good checkpoint "
+                          f"{os.path.join(out, 'last.pt')} is intact: lower --lr or check the data", 3)
+
+
+class Preemption:
+    """SIGTERM or Ctrl-C sets a flag; the loop then saves a checkpoint and exits. Under DDP the
+    flag is agreed on every 10 steps (one tiny all-reduce), so all processes stop at the same step."""
+
+    def __init__(self, world):
+        self.world, self.signum = world, 0
+        self.previous = {sig: signal.signal(sig, self._handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handler(self, signum, frame):
+        self.signum = signum
+
+    def requested(self, step):
+        if self.world > 1 and step % 10 == 0:
+            flag = torch.tensor([self.signum], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            self.signum = int(flag)
+        return self.signum != 0 if self.world == 1 or step % 10 == 0 else False
+
+    @property
+    def name(self):
+        return signal.Signals(self.signum).name
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 # ============ 11. Entry point: one process, or one per GPU under torchrun (nanoGPT style) ============
@@ -915,6 +1000,10 @@ def main(argv=None):
         if cfg.device == "cuda" and not torch.cuda.is_available():
             raise UsageError("--device cuda but no CUDA device is visible: drop --device or use --device cpu")
         use_cuda = torch.cuda.is_available() and cfg.device != "cpu"
+        if cfg.float64:
+            if use_cuda:
+                raise UsageError("--float64 is for CPU checks: add --device cpu")
+            torch.set_default_dtype(torch.float64)
         rank, world = 0, 1
         if ddp:
             rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -930,6 +1019,9 @@ def main(argv=None):
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as e:
+        print(f"osessl: {e}", file=sys.stderr)
+        sys.exit(e.code)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
