@@ -188,7 +188,8 @@ def _list_split(root, split):
 
 def load_imagefolder_split(root, split):
     """Decode DIR/split/<class>/* once; the result is cached next to the data when writable."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
+    import numpy as np
+    from PIL import Image  # decoding only, once; the training loop never sees PIL
     classes, files = _list_split(root, split)
     key = hashlib.sha1(json.dumps([(os.path.relpath(p, root), os.path.getsize(p)) for p, _ in files]).encode()).hexdigest()
     cache = os.path.join(root, f".osessl-cache-{split}.pt")
@@ -199,7 +200,8 @@ def load_imagefolder_split(root, split):
     images = []
     for path, _ in files:
         try:
-            img = decode_image(read_file(path), mode=ImageReadMode.RGB)
+            with Image.open(path) as im:
+                img = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
         except Exception as e:
             raise UsageError(f"cannot read image {path} ({type(e).__name__}): remove or replace the file") from None
         if images and img.shape != images[0].shape:

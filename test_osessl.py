@@ -468,12 +468,12 @@ def test_refuses_to_overwrite_another_run(tmp_path):
 
 
 def write_imagefolder(root, classes=("a", "b"), per_class=3):
-    from torchvision.io import write_png
+    from PIL import Image
     for split in ("train", "test"):
         for c in classes:
             os.makedirs(root / split / c, exist_ok=True)
             for i in range(per_class):
-                write_png(torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8), str(root / split / c / f"{i}.png"))
+                Image.fromarray(torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8).numpy()).save(root / split / c / f"{i}.png")
 
 
 def bad_inputs(tmp_path):
