@@ -544,3 +544,13 @@ def test_offline_cifar_download_fails_clearly(tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.datasets, "CIFAR100", offline)
     with pytest.raises(O.UsageError, match="--dataset imagefolder --data-dir data/cifar100"):
         O.load_data(O.parse_config(["--dataset", "cifar100", "--data-dir", str(tmp_path)]))
+
+
+def test_readme_section_map_is_current():
+    """README's map of osessl.py gives each section's line range: keep it true."""
+    import re
+    banners = [i + 1 for i, line in enumerate(open(os.path.join(HERE, "osessl.py"))) if line.startswith("# ============")]
+    n = sum(1 for _ in open(os.path.join(HERE, "osessl.py")))
+    spans = [f"{a}-{b - 1}" for a, b in zip(banners, banners[1:] + [n + 1])]
+    readme = open(os.path.join(HERE, "README.md")).read()
+    assert re.findall(r"^\| (\d+-\d+) \| \d+\. ", readme, flags=re.M) == spans
