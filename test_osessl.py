@@ -554,3 +554,35 @@ def test_readme_section_map_is_current():
     spans = [f"{a}-{b - 1}" for a, b in zip(banners, banners[1:] + [n + 1])]
     readme = open(os.path.join(HERE, "README.md")).read()
     assert re.findall(r"^\| (\d+-\d+) \| \d+\. ", readme, flags=re.M) == spans
+
+
+def _ks(a, b):
+    """Two-sample Kolmogorov-Smirnov statistic."""
+    a, b = torch.sort(a.double()).values, torch.sort(b.double()).values
+    grid = torch.cat([a, b])
+    cdf = lambda s: torch.searchsorted(s, grid, right=True).double() / len(s)
+    return (cdf(a) - cdf(b)).abs().max().item()
+
+
+def test_augmentation_parameters_match_torchvision_distributions():
+    """The device-side sampler draws what torchvision's RandomResizedCrop(32, (0.2, 1)), flip,
+    ColorJitter(0.4, 0.4, 0.2, 0.1) p=0.8, grayscale p=0.2 and solarize p=0.2 draw (KS statistic
+    below 0.02 with 20,000 samples each; the 1% critical value is 0.016)."""
+    from torchvision.transforms import ColorJitter, RandomResizedCrop
+    n = 20_000
+    ours = O.sample_view_params(n, O.step_generator(1, 0, torch.device("cpu")))
+    torch.manual_seed(0)
+    img = torch.zeros(3, 32, 32)
+    ref = torch.tensor([RandomResizedCrop.get_params(img, [0.2, 1.0], [3 / 4, 4 / 3]) for _ in range(n)], dtype=torch.float64)
+    top, left, h, w = ours["box"].double().unbind(1)
+    rtop, rleft, rh, rw = ref.unbind(1)
+    assert _ks(h * w / 1024, rh * rw / 1024) < 0.02          # crop scale
+    assert _ks(w / h, rw / rh) < 0.02                          # aspect ratio
+    assert _ks(top, rtop) < 0.02 and _ks(left, rleft) < 0.02   # crop position
+    jit = [ColorJitter.get_params([0.6, 1.4], [0.6, 1.4], [0.8, 1.2], [-0.1, 0.1]) for _ in range(n)]
+    for j in range(4):
+        assert _ks(ours["factors"][:, j], torch.tensor([float(x[j + 1]) for x in jit])) < 0.02
+    first = torch.bincount(ours["order"][:, 0], minlength=4).double() / n
+    assert torch.allclose(first, torch.full((4,), 0.25, dtype=torch.float64), atol=0.015)  # each op first equally often
+    for key, rate in (("flip", 0.5), ("jitter", 0.8), ("gray", 0.2), ("solarize", 0.2)):
+        assert ours[key].double().mean().item() == pytest.approx(rate, abs=0.012), key
