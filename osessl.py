@@ -97,6 +97,8 @@ class Config:
     resume: str = opt("", "checkpoint (last.pt) to continue from")
     compile: bool = opt(False, "torch.compile the networks")
     device: str = opt("", "cuda | cpu (default: cuda when available)")
+    benchmark: bool = opt(False, "time the training step and its data pipelines, print a table, and exit (no run directory)")
+    benchmark_steps: int = opt(20, "timed steps per repeat of --benchmark (5 repeats, median reported, after 5 warm-up steps)")
     float64: bool = opt(False, "CPU only: compute in float64 (tests use it to tell real differences from float32 roundoff)")
 
 
@@ -127,7 +129,7 @@ def parse_config(argv=None) -> Config:
     return cfg
 
 
-RUN_CONTROL = ("out", "overwrite", "resume", "max_steps", "compile", "device")
+RUN_CONTROL = ("out", "overwrite", "resume", "max_steps", "compile", "device", "benchmark", "benchmark_steps")
 
 
 def check_config(cfg: Config):
@@ -695,15 +697,20 @@ def gather(x):
     return torch.cat(parts)
 
 
-def training_step(run, images, ids, rnd, lr, m):
-    """One optimiser step on this process's uint8 images (B, 3, H, W) with global sample ids (B_g,).
-    Returns the loss terms as detached device tensors (no host synchronisation)."""
-    cfg, B, Bg = run.cfg, images.shape[0], ids.shape[0]
-    rows = slice(run.rank * B, (run.rank + 1) * B)
+def augment_views(run, images, rnd):
+    """Weak and strong views of this process's uint8 images (B, 3, H, W): its rows of the step's draws."""
+    rows = slice(run.rank * images.shape[0], (run.rank + 1) * images.shape[0])
     local = lambda p: {k: v[rows] for k, v in p.items()}
+    return (run.to_net(augment(images, local(rnd.weak), run.mean, run.std, strong=False)),
+            run.to_net(augment(images, local(rnd.strong), run.mean, run.std, strong=True)))
+
+
+def training_step(run, x1, x2, ids, rnd, lr, m):
+    """One optimiser step on this process's weak and strong views (B, 3, H, W); ids: global sample
+    ids (B_g,). Returns the loss terms as detached device tensors (no host synchronisation)."""
+    cfg, B, Bg = run.cfg, x1.shape[0], ids.shape[0]
+    rows = slice(run.rank * B, (run.rank + 1) * B)
     use_exemplars = cfg.lambda_proto > 0 or cfg.mu_mix > 0
-    x1 = run.to_net(augment(images, local(rnd.weak), run.mean, run.std, strong=False))
-    x2 = run.to_net(augment(images, local(rnd.strong), run.mean, run.std, strong=True))
     views = [x1, x2]
     if cfg.mu_mix > 0:
         beta, partner = rnd.beta[rows], rnd.partner[rows]
@@ -806,6 +813,31 @@ def load_checkpoint(cfg, num_classes):
     return ck
 
 
+def build_run(cfg, rank, world, device, train_x, train_y, ex_idx, num_classes):
+    """Networks, optimiser, memory bank and the per-run constants that training_step reads."""
+    cuda = device.type == "cuda"
+    mean, std = channel_stats(train_x)
+    net = Network(cfg.width, cfg.proj_hidden, cfg.proj_dim)
+    momentum = Network(cfg.width, cfg.proj_hidden, cfg.proj_dim)
+    momentum.load_state_dict(net.state_dict())
+    momentum.requires_grad_(False)
+    if world > 1:
+        net, momentum = sync_batchnorm(net, device), sync_batchnorm(momentum, device)
+    fmt = torch.channels_last if cuda else torch.contiguous_format
+    net, momentum = net.to(device, memory_format=fmt), momentum.to(device, memory_format=fmt)
+    online = nn.parallel.DistributedDataParallel(net, broadcast_buffers=False) if world > 1 else net
+    momentum_fwd = momentum
+    if cfg.compile:
+        online, momentum_fwd = torch.compile(online), torch.compile(momentum)
+    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr * cfg.batch_size * world / 256, momentum=0.9,
+                          weight_decay=cfg.weight_decay, **({"fused": True} if cuda else {}))
+    return SimpleNamespace(cfg=cfg, rank=rank, net=net, online=online, momentum=momentum_fwd, momentum_net=momentum,
+                           opt=opt, bank=MemoryBank(cfg.bank_size, cfg.proj_dim, device), mean=mean, std=std,
+                           num_classes=num_classes, labels=train_y.to(device), exemplar_images=train_x[ex_idx.to(device)],
+                           to_net=lambda x: x.contiguous(memory_format=fmt),
+                           autocast=lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda))
+
+
 def train(cfg, rank=0, world=1, device=None):
     device = device or torch.device("cpu")
     torch.manual_seed(cfg.seed)
@@ -825,33 +857,12 @@ def train(cfg, rank=0, world=1, device=None):
         raise UsageError("the dataset has fewer than 2 classes: the discriminative score needs at least 2")
     method = "osessl" if (cfg.lambda_proto > 0 or cfg.mu_mix > 0) else "resa"
     out = prepare_run_dir(cfg, method)
-    cuda = device.type == "cuda"
 
     # Images live on the device; the only label tensor the step sees feeds a logged diagnostic.
     train_x = train_x.to(device)
-    mean, std = channel_stats(train_x)
-    net = Network(cfg.width, cfg.proj_hidden, cfg.proj_dim)
-    momentum = Network(cfg.width, cfg.proj_hidden, cfg.proj_dim)
-    momentum.load_state_dict(net.state_dict())
-    momentum.requires_grad_(False)
-    if world > 1:
-        net, momentum = sync_batchnorm(net, device), sync_batchnorm(momentum, device)
-    fmt = torch.channels_last if cuda else torch.contiguous_format
-    net, momentum = net.to(device, memory_format=fmt), momentum.to(device, memory_format=fmt)
-    online = nn.parallel.DistributedDataParallel(net, broadcast_buffers=False) if world > 1 else net
-    if cfg.compile:
-        online, momentum_fwd = torch.compile(online), torch.compile(momentum)
-    else:
-        momentum_fwd = momentum
+    run = build_run(cfg, rank, world, device, train_x, train_y, ex_idx, num_classes)
+    net, momentum, opt, bank = run.net, run.momentum_net, run.opt, run.bank
     peak_lr = cfg.lr * Bg / 256
-    opt = torch.optim.SGD(net.parameters(), lr=peak_lr, momentum=0.9, weight_decay=cfg.weight_decay,
-                          **({"fused": True} if cuda else {}))
-    bank = MemoryBank(cfg.bank_size, cfg.proj_dim, device)
-    run = SimpleNamespace(cfg=cfg, rank=rank, net=net, online=online, momentum=momentum_fwd, momentum_net=momentum, opt=opt, bank=bank,
-                          mean=mean, std=std, num_classes=num_classes, labels=train_y.to(device),
-                          exemplar_images=train_x[ex_idx.to(device)],
-                          to_net=lambda x: x.contiguous(memory_format=fmt),
-                          autocast=lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda))
     steps_per_epoch = len(u_idx) // Bg
     total = cfg.epochs * steps_per_epoch
     warmup = cfg.warmup_epochs * steps_per_epoch
@@ -892,7 +903,7 @@ def train(cfg, rank=0, world=1, device=None):
             ids = perm[i * Bg:(i + 1) * Bg]
             mine = ids[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
             rnd = step_randomness(cfg.seed, step, Bg, num_classes, cfg.zeta, device)
-            losses = training_step(run, train_x[mine], ids, rnd, lr_schedule(step, total, warmup, peak_lr, cfg.final_lr_ratio),
+            losses = training_step(run, *augment_views(run, train_x[mine], rnd), ids, rnd, lr_schedule(step, total, warmup, peak_lr, cfg.final_lr_ratio),
                                    ema_schedule(step, total, cfg.ema_start))
             # first step at which each term went non-finite, kept on the device (checked once per epoch)
             finite = torch.stack([v.isfinite() for v in losses.values()])
@@ -994,7 +1005,96 @@ class Preemption:
             signal.signal(sig, handler)
 
 
-# ============ 11. Entry point: one process, or one per GPU under torchrun (nanoGPT style) ============
+# ============ 11. Benchmark: where a step's time goes (--benchmark) ============
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_per_call(fn, device, steps, repeats=5, warmup=5):
+    """Median seconds per call over `repeats` timed blocks of `steps` calls, after warm-up
+    (which also absorbs compilation), with the device synchronised around each block."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        _sync(device)
+        times.append((time.perf_counter() - t) / steps)
+    return sorted(times)[len(times) // 2]
+
+
+def pil_dataloader(images, mean, std, batch_size, workers, pin):
+    """The usual pipeline, for comparison: torchvision PIL transforms in a DataLoader."""
+    from torchvision import transforms as T
+    weak = T.Compose([T.RandomResizedCrop(32, scale=(0.2, 1.0)), T.RandomHorizontalFlip()])
+    strong = T.Compose([weak, T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+                        T.RandomGrayscale(0.2), T.RandomSolarize(128, p=0.2)])
+    finish = T.Compose([T.ToTensor(), T.Normalize(mean.tolist(), std.tolist())])
+
+    class TwoViews(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(images)
+
+        def __getitem__(self, i):
+            img = T.functional.to_pil_image(images[i])
+            return finish(weak(img)), finish(strong(img))
+    loader = torch.utils.data.DataLoader(TwoViews(), batch_size=batch_size, shuffle=True, drop_last=True,
+                                         num_workers=workers, pin_memory=pin, persistent_workers=workers > 0)
+    while True:
+        yield from loader
+
+
+def benchmark(cfg, device):
+    """One table, every row measured in this run: ms/step, images/s, s per 50,000-image epoch, peak memory."""
+    train_x, train_y, _, _, C = load_data(cfg)
+    ex_idx = select_exemplars(cfg, train_y, C)
+    cpu_x, train_x = train_x, train_x.to(device)
+    B = cfg.batch_size
+    if B > len(train_x) or B > cfg.bank_size:
+        raise UsageError(f"--batch-size {B} must not exceed the {len(train_x)} training images nor --bank-size")
+    runs = {m: build_run(Config(**{**asdict(cfg), **w}), 0, 1, device, train_x, train_y, ex_idx, C)
+            for m, w in (("osessl", {}), ("resa", dict(lambda_proto=0.0, mu_mix=0.0)))}
+    osessl_run = runs["osessl"]
+    counter = iter(range(10 ** 9))
+
+    def batch():
+        step = next(counter)
+        ids = torch.randint(len(train_x), (B,), generator=torch.Generator().manual_seed(step)).to(device)
+        return ids, step_randomness(cfg.seed, step, B, C, cfg.zeta, device)
+    ids0, rnd0 = batch()
+    premade = augment_views(osessl_run, train_x[ids0], rnd0)
+    workers = os.cpu_count() or 1
+    loader = pil_dataloader(cpu_x, osessl_run.mean.cpu(), osessl_run.std.cpu(), B, workers, device.type == "cuda")
+
+    def pipeline_step(run):
+        ids, rnd = batch()
+        training_step(run, *augment_views(run, train_x[ids], rnd), ids, rnd, 0.01, 0.996)
+
+    def pil_step():
+        x1, x2 = (osessl_run.to_net(x.to(device, non_blocking=True)) for x in next(loader))
+        training_step(osessl_run, x1, x2, ids0, rnd0, 0.01, 0.996)
+    rows = [("OSESSL step, device pipeline (data + augmentation + step)", lambda: pipeline_step(osessl_run)),
+            ("OSESSL step on pre-made tensors (compute only)", lambda: training_step(osessl_run, *premade, ids0, rnd0, 0.01, 0.996)),
+            ("device augmentation alone (weak + strong views)", lambda: augment_views(osessl_run, train_x[batch()[0]], rnd0)),
+            ("ReSA-only step, device pipeline (lambda = mu = 0)", lambda: pipeline_step(runs["resa"])),
+            (f"OSESSL step fed by a PIL DataLoader ({workers} workers)", pil_step)]
+    print(f"benchmark: {cfg.dataset}, batch {B}, width {cfg.width}, {C} classes, device {device}"
+          f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, compile {cfg.compile}, "
+          f"median of 5 x {cfg.benchmark_steps} steps after 5 warm-up steps")
+    print(f"{'what':<60} {'ms/step':>9} {'images/s':>10} {'s/epoch':>8} {'peak MiB':>9}")
+    for name, fn in rows:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        sec = time_per_call(fn, device, cfg.benchmark_steps)
+        peak = f"{torch.cuda.max_memory_allocated(device) / 2 ** 20:9.0f}" if device.type == "cuda" else f"{'n/a':>9}"
+        print(f"{name:<60} {sec * 1e3:9.1f} {B / sec:10.0f} {50_000 / (B / sec):8.2f} {peak}", flush=True)
+
+
+# ============ 12. Entry point: one process, or one per GPU under torchrun (nanoGPT style) ============
 def main(argv=None):
     try:
         cfg = parse_config(argv)
@@ -1017,7 +1117,10 @@ def main(argv=None):
         if use_cuda:
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        train(cfg, rank, world, device)
+        if cfg.benchmark:
+            benchmark(cfg, device)
+        else:
+            train(cfg, rank, world, device)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -586,3 +586,12 @@ def test_augmentation_parameters_match_torchvision_distributions():
     assert torch.allclose(first, torch.full((4,), 0.25, dtype=torch.float64), atol=0.015)  # each op first equally often
     for key, rate in (("flip", 0.5), ("jitter", 0.8), ("gray", 0.2), ("solarize", 0.2)):
         assert ours[key].double().mean().item() == pytest.approx(rate, abs=0.012), key
+
+
+def test_benchmark_prints_its_table():
+    """--benchmark with tiny settings prints every row (timings are not asserted)."""
+    r = run_cli("--benchmark", *TINY, "--benchmark-steps", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for row in ("device pipeline", "pre-made tensors", "augmentation alone", "ReSA-only", "PIL DataLoader"):
+        assert row in r.stdout, row
+    assert "ms/step" in r.stdout and "s/epoch" in r.stdout
