@@ -672,8 +672,9 @@ def interpolation_targets(beta, first, second):
 def instance_mix_target(beta, own, partner, n_global):
     """Target over the 2 B_g momentum embeddings [z'1 ; z'2]: beta_i on column own_i (weak view of i),
     1 - beta_i on column B_g + partner_i (strong view of the partner); indices are global."""
-    eye = torch.eye(2 * n_global, device=beta.device)
-    return interpolation_targets(beta, eye[own], eye[n_global + partner])
+    target = torch.zeros(len(beta), 2 * n_global, dtype=beta.dtype, device=beta.device)
+    target.scatter_(1, own[:, None], beta[:, None])  # (B, 2 B_g) without a (2 B_g)^2 identity
+    return target.scatter_add_(1, n_global + partner[:, None], 1 - beta[:, None])
 
 
 def mix_proto_loss(z_mix, prototypes, target, tau_s=0.1):
