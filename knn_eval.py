@@ -4,8 +4,13 @@ Protocols, always reported by name:
   - ReSA's: 5-NN majority vote, Euclidean distance on the momentum encoder's unnormalised features;
   - weighted cosine k-NN (InstDisc/DINO style), k = 20 and 200, T = 0.07, same features.
 
-Used by osessl.py every --eval-every epochs, and on its own on a checkpoint:
-  python knn_eval.py --checkpoint runs/.../last.pt --dataset imagefolder --data-dir data/cifar100
+Also, on a checkpoint: a linear probe on frozen cached features (--linear), and one-shot
+classification (each test image to its nearest exemplar embedding, and to its nearest grounded
+prototype, using only the C exemplar labels). Results are written to eval.json beside the checkpoint.
+
+Used by osessl.py every --eval-every epochs, and on its own:
+  python knn_eval.py --checkpoint runs/.../last.pt --dataset imagefolder --data-dir data/cifar100 --linear
+  python knn_eval.py --summarize runs/*/ --plot results.png     # results table (+ plot) of several runs
 """
 from __future__ import annotations
 
@@ -19,6 +24,9 @@ PROTOCOLS = {
     "knn5": "ReSA 5-NN majority vote, Euclidean, momentum encoder",
     "knn20_cos": "weighted cosine 20-NN (T=0.07), momentum encoder",
     "knn200_cos": "weighted cosine 200-NN (T=0.07), momentum encoder",
+    "linear": "linear probe on frozen standardised features, momentum encoder",
+    "oneshot_exemplar": "one-shot: nearest exemplar embedding (cosine, momentum net)",
+    "oneshot_prototype": "one-shot: nearest grounded prototype (cosine, momentum net)",
 }
 
 
@@ -77,17 +85,105 @@ def knn_report(train_f, train_y, test_f, test_y, num_classes):
             "knn200_cos": knn_weighted_cosine(train_f, train_y, test_f, test_y, num_classes, min(200, n))}
 
 
+def linear_probe(train_f, train_y, test_f, test_y, num_classes, epochs=100, batch_size=1024, lr=1e-3, seed=0):
+    """Top-1 (%) of a linear classifier trained on frozen, cached, standardised features, on their device."""
+    mu, sd = train_f.mean(0), train_f.std(0) + 1e-6
+    xtr, xte = (train_f - mu) / sd, (test_f - mu) / sd
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    head = torch.nn.Linear(xtr.shape[1], num_classes).to(xtr.device)
+    opt = torch.optim.Adam(head.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
+    with torch.enable_grad():
+        for _ in range(epochs):
+            for idx in torch.randperm(len(xtr), generator=g).to(xtr.device).split(batch_size):
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(head(xtr[idx]), train_y[idx]).backward()
+                opt.step()
+            sched.step()
+    with torch.no_grad():
+        return (head(xte).argmax(1) == test_y).float().mean().item() * 100
+
+
+@torch.no_grad()
+def one_shot(test_z, test_y, exemplar_z, prototypes):
+    """Accuracy (%) of assigning each normalised test embedding to its most similar exemplar
+    embedding, and to its most similar prototype; row c of both is class c (the only labels used)."""
+    acc = lambda centres: ((test_z @ centres.T).argmax(1) == test_y).float().mean().item() * 100
+    return {"oneshot_exemplar": acc(exemplar_z), "oneshot_prototype": acc(prototypes)}
+
+
+def summarize(run_dirs, plot=None):
+    """Results table of several runs (their config.json, metrics.jsonl and eval.json): ReSA against
+    OSESSL mean +- spread over exemplar seeds, per dataset and epoch count; optionally a plot of
+    5-NN accuracy against epoch."""
+    import json
+    import os
+    import statistics
+    runs = []
+    for d in run_dirs:
+        cfg = json.load(open(os.path.join(d, "config.json")))
+        rows = [json.loads(line) for line in open(os.path.join(d, "metrics.jsonl"))]
+        final = {k: v for r in rows for k, v in r.items() if k in PROTOCOLS}  # latest value of each
+        if os.path.exists(os.path.join(d, "eval.json")):
+            final.update(json.load(open(os.path.join(d, "eval.json"))))
+        arm = "ReSA" if cfg["lambda_proto"] == 0 and cfg["mu_mix"] == 0 else "OSESSL"
+        runs.append(dict(dir=d, arm=arm, seed=cfg["exemplar_seed"], dataset=cfg["dataset"], epochs=rows[-1]["epoch"],
+                         final=final, curve=[(r["epoch"], r["knn5"]) for r in rows if "knn5" in r]))
+    print(f"{'dataset':<12} {'epochs':>6} {'protocol':<62} {'ReSA':>7} {'OSESSL (mean +- sd, seeds)':>30} {'gain':>6}")
+    for key in sorted({(r["dataset"], r["epochs"]) for r in runs}):
+        group = [r for r in runs if (r["dataset"], r["epochs"]) == key]
+        for proto, name in PROTOCOLS.items():
+            base = [r["final"][proto] for r in group if r["arm"] == "ReSA" and proto in r["final"]]
+            ours = [r["final"][proto] for r in group if r["arm"] == "OSESSL" and proto in r["final"]]
+            if not base and not ours:
+                continue
+            b = f"{statistics.mean(base):7.2f}" if base else f"{'-':>7}"
+            sd = statistics.stdev(ours) if len(ours) > 1 else 0.0
+            o = f"{statistics.mean(ours):.2f} +- {sd:.2f} ({len(ours)})" if ours else "-"
+            gain = f"{statistics.mean(ours) - statistics.mean(base):+6.2f}" if base and ours else f"{'-':>6}"
+            print(f"{key[0]:<12} {key[1]:>6} {name:<62} {b} {o:>30} {gain}")
+    if plot:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in runs:
+            if r["curve"]:
+                e, a = zip(*r["curve"])
+                label = "ReSA" if r["arm"] == "ReSA" else f"OSESSL, exemplar seed {r['seed']}"
+                ax.plot(e, a, color="black" if r["arm"] == "ReSA" else None, label=f"{label} ({r['dataset']})")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("ReSA 5-NN top-1 (%), momentum encoder")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(plot, dpi=110)
+        print(f"plot written to {plot}")
+    return runs
+
+
 def main(argv=None):
+    import json
+    import os
     import osessl  # imported here: osessl imports this module at the top
-    p = osessl._Parser(description="k-NN evaluation of an osessl checkpoint")
-    p.add_argument("--checkpoint", required=True, help="last.pt written by osessl.py")
+    p = osessl._Parser(description="evaluation of osessl checkpoints, and results tables of runs")
+    p.add_argument("--checkpoint", help="last.pt written by osessl.py")
     p.add_argument("--dataset", default=None, help="default: the checkpoint's")
     p.add_argument("--data-dir", default=None, help="default: the checkpoint's")
-    p.add_argument("--train-limit", type=int, default=0, help="k-NN memory: this many training images (0 = all)")
+    p.add_argument("--train-limit", type=int, default=0, help="k-NN memory and probe training set: this many training images (0 = all)")
     p.add_argument("--test-limit", type=int, default=0, help="evaluate on this many test images (0 = all)")
+    p.add_argument("--linear", action="store_true", help="also train a linear probe on the frozen features")
     p.add_argument("--device", default="", help="cuda | cpu (default: cuda when available)")
+    p.add_argument("--summarize", nargs="+", metavar="RUN_DIR", help="print the results table of these run directories")
+    p.add_argument("--plot", default="", help="with --summarize: write a PNG of 5-NN accuracy against epoch")
     args = p.parse_args(argv)
     try:
+        if args.summarize:
+            missing = [d for d in args.summarize if not os.path.exists(os.path.join(d, "metrics.jsonl"))]
+            if missing:
+                raise osessl.UsageError(f"{missing[0]} holds no metrics.jsonl: pass run directories written by osessl.py")
+            return summarize(args.summarize, args.plot)
+        if not args.checkpoint:
+            raise osessl.UsageError("give --checkpoint runs/.../last.pt (or --summarize RUN_DIR ...)")
         ck = osessl.read_checkpoint(args.checkpoint)
         cfg = osessl.Config(**ck["config"])
         cfg.resume = args.checkpoint
@@ -97,23 +193,36 @@ def main(argv=None):
         train_x, train_y, test_x, test_y, num_classes = osessl.load_data(cfg)
         ck = osessl.load_checkpoint(cfg, num_classes)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        mean, std = osessl.channel_stats(train_x)
+        mean, std = (t.to(device) for t in osessl.channel_stats(train_x))
+        exemplar_x = train_x[ck["exemplars"]]
         if cfg.train_limit and cfg.train_limit < len(train_x):
             keep = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.train_limit]
             train_x, train_y = train_x[keep], train_y[keep]
         net = osessl.Network(cfg.width, cfg.proj_hidden, cfg.proj_dim)
         net.load_state_dict(ck["momentum"])
-        enc = net.encoder.to(device)
-        feats = lambda x: extract_features(enc, x.to(device), mean.to(device), std.to(device))
-        res = knn_report(feats(train_x), train_y.to(device), feats(test_x), test_y.to(device), num_classes)
+        net = net.to(device)
+        feats = lambda m, x: extract_features(m, x.to(device), mean, std)
+        train_f, test_f = feats(net.encoder, train_x), feats(net.encoder, test_x)
+        train_y, test_y = train_y.to(device), test_y.to(device)
+        res = knn_report(train_f, train_y, test_f, test_y, num_classes)
+        if args.linear:
+            res["linear"] = linear_probe(train_f, train_y, test_f, test_y, num_classes)
+        embed = torch.nn.Sequential(net.encoder, net.projector)
+        test_z, ex_z = (F.normalize(feats(embed, x), dim=1) for x in (test_x, exemplar_x))
+        bank = osessl.MemoryBank(cfg.bank_size, cfg.proj_dim, device)
+        bank.load_state_dict(ck["bank"])
+        protos = osessl.build_prototypes(ex_z, bank.feats, bank.valid(), cfg.k, cfg.alpha, cfg.tau_w)[0]
+        res.update(one_shot(test_z, test_y, ex_z, protos))
     except osessl.UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"{args.checkpoint}: step {ck['step']} (epoch {ck['epoch']}), {cfg.dataset}, "
           f"{len(train_x)} train / {len(test_x)} test images")
-    print(f"{'protocol':<56} top-1 %")
+    print(f"{'protocol':<62} top-1 %")
     for key, acc in res.items():
-        print(f"{PROTOCOLS[key]:<56} {acc:6.2f}")
+        print(f"{PROTOCOLS[key]:<62} {acc:6.2f}")
+    with open(os.path.join(os.path.dirname(args.checkpoint), "eval.json"), "w") as f:
+        json.dump(dict(res, step=ck["step"], test_images=len(test_x), train_images=len(train_x)), f, indent=1)
     return res
 
 

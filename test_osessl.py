@@ -327,10 +327,20 @@ def test_end_to_end_cli_and_knn_eval(tmp_path):
                 "images_per_s", "knn5", "knn20_cos", "knn200_cos", "nbr_precision"):
         assert key in rows[-1], key
     assert "epoch 2/2" in r.stdout
-    e = run_cli("--checkpoint", str(out / "last.pt"), script="knn_eval.py")
+    e = run_cli("--checkpoint", str(out / "last.pt"), "--linear", script="knn_eval.py")
     assert e.returncode == 0, e.stderr
-    assert "ReSA 5-NN majority vote, Euclidean, momentum encoder" in e.stdout
-    assert "weighted cosine 200-NN" in e.stdout
+    for name in knn_eval.PROTOCOLS.values():
+        assert name in e.stdout, name
+    assert set(knn_eval.PROTOCOLS) <= set(json.loads((out / "eval.json").read_text()))
+    # the results table and plot of several runs (here one OSESSL and one ReSA run)
+    resa = tmp_path / "resa"
+    assert run_cli(*TINY, "--lambda-proto", "0", "--mu-mix", "0", "--out", str(resa)).returncode == 0
+    s = run_cli("--summarize", str(out), str(resa), "--plot", str(tmp_path / "p.png"), script="knn_eval.py")
+    assert s.returncode == 0, s.stderr
+    line = [x for x in s.stdout.splitlines() if "ReSA 5-NN" in x][0]
+    osessl_acc, resa_acc = rows[-1]["knn5"], json.loads((resa / "metrics.jsonl").read_text().splitlines()[-1])["knn5"]
+    assert f"{osessl_acc:.2f}" in line and f"{resa_acc:.2f}" in line
+    assert (tmp_path / "p.png").stat().st_size > 1000
 
 
 def test_knn_protocols_on_separable_features():
@@ -346,6 +356,19 @@ def test_knn_protocols_on_separable_features():
 
 
 SMALL = ["--synthetic-per-class", "10", "--epochs", "2"]  # 90 unlabeled images: 2 steps of 32 per epoch
+
+
+def test_linear_probe_and_one_shot_classifiers():
+    g = torch.Generator().manual_seed(0)
+    centres = F.normalize(torch.randn(5, 16, generator=g), dim=1)
+    y, yt = torch.arange(500) % 5, torch.arange(100) % 5
+    f = F.normalize(centres[y] + 0.1 * torch.randn(500, 16, generator=g), dim=1)
+    ft = F.normalize(centres[yt] + 0.1 * torch.randn(100, 16, generator=g), dim=1)
+    assert knn_eval.linear_probe(f, y, ft, yt, 5, epochs=100, batch_size=50) > 95
+    assert knn_eval.linear_probe(f, y[torch.randperm(500, generator=g)], ft, yt, 5, epochs=100, batch_size=50) < 50
+    acc = knn_eval.one_shot(ft, yt, centres, centres)
+    assert acc["oneshot_exemplar"] > 95 and acc["oneshot_prototype"] > 95
+    assert knn_eval.one_shot(ft, yt, centres.roll(1, 0), centres)["oneshot_exemplar"] < 5  # exemplar c must be class c
 
 
 def test_two_process_torchrun_matches_one_process(tmp_path):
