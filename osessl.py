@@ -141,6 +141,13 @@ def check_config(cfg: Config):
     for name, value in positive.items():
         if not value > 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    non_negative = dict(weight_decay=cfg.weight_decay, warmup_epochs=cfg.warmup_epochs, final_lr_ratio=cfg.final_lr_ratio,
+                        eval_every=cfg.eval_every, max_steps=cfg.max_steps, train_limit=cfg.train_limit, test_limit=cfg.test_limit)
+    for name, value in non_negative.items():
+        if value < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+    if not 0 <= cfg.ema_start <= 1:
+        raise UsageError(f"--ema-start must lie in [0, 1], got {cfg.ema_start}")
     if cfg.k > cfg.bank_size:
         raise UsageError(f"--k {cfg.k} is larger than the memory bank (--bank-size {cfg.bank_size}): lower k or enlarge the bank")
     if not 0 <= cfg.alpha <= 1:
@@ -830,10 +837,11 @@ def build_run(cfg, rank, world, device, train_x, train_y, ex_idx, num_classes):
     momentum_fwd = momentum
     if cfg.compile:
         online, momentum_fwd = torch.compile(online), torch.compile(momentum)
-    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr * cfg.batch_size * world / 256, momentum=0.9,
-                          weight_decay=cfg.weight_decay, **({"fused": True} if cuda else {}))
+    peak_lr = cfg.lr * cfg.batch_size * world / 256  # linear scaling with the global batch
+    opt = torch.optim.SGD(net.parameters(), lr=peak_lr, momentum=0.9, weight_decay=cfg.weight_decay,
+                          **({"fused": True} if cuda else {}))
     return SimpleNamespace(cfg=cfg, rank=rank, net=net, online=online, momentum=momentum_fwd, momentum_net=momentum,
-                           opt=opt, bank=MemoryBank(cfg.bank_size, cfg.proj_dim, device), mean=mean, std=std,
+                           opt=opt, peak_lr=peak_lr, bank=MemoryBank(cfg.bank_size, cfg.proj_dim, device), mean=mean, std=std,
                            num_classes=num_classes, labels=train_y.to(device), exemplar_images=train_x[ex_idx.to(device)],
                            to_net=lambda x: x.contiguous(memory_format=fmt),
                            autocast=lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda))
@@ -843,11 +851,9 @@ def train(cfg, rank=0, world=1, device=None):
     device = device or torch.device("cpu")
     torch.manual_seed(cfg.seed)
     train_x, train_y, test_x, test_y, num_classes = load_data(cfg)
-    ex_idx = select_exemplars(cfg, train_y, num_classes)
-    u_idx = unlabeled_indices(cfg, len(train_x), ex_idx)
     ck = load_checkpoint(cfg, num_classes) if cfg.resume else None
-    if ck is not None:
-        ex_idx = ck["exemplars"]
+    ex_idx = ck["exemplars"] if ck is not None else select_exemplars(cfg, train_y, num_classes)
+    u_idx = unlabeled_indices(cfg, len(train_x), ex_idx)
     Bg = cfg.batch_size * world
     if Bg > len(u_idx):
         raise UsageError(f"global batch {Bg} (--batch-size {cfg.batch_size} x {world} processes) is larger than the "
@@ -862,8 +868,7 @@ def train(cfg, rank=0, world=1, device=None):
     # Images live on the device; the only label tensor the step sees feeds a logged diagnostic.
     train_x = train_x.to(device)
     run = build_run(cfg, rank, world, device, train_x, train_y, ex_idx, num_classes)
-    net, momentum, opt, bank = run.net, run.momentum_net, run.opt, run.bank
-    peak_lr = cfg.lr * Bg / 256
+    net, momentum, opt, bank, peak_lr = run.net, run.momentum_net, run.opt, run.bank, run.peak_lr
     steps_per_epoch = len(u_idx) // Bg
     total = cfg.epochs * steps_per_epoch
     warmup = cfg.warmup_epochs * steps_per_epoch
