@@ -1067,10 +1067,13 @@ def benchmark(cfg, device):
     osessl_run = runs["osessl"]
     counter = iter(range(10 ** 9))
 
-    def batch():
+    perm = epoch_permutation(cfg.seed, 0, len(train_x)).to(device)
+    per_epoch = len(train_x) // B
+
+    def batch():  # as in training: a slice of a device-side permutation, no host-device copy
         step = next(counter)
-        ids = torch.randint(len(train_x), (B,), generator=torch.Generator().manual_seed(step)).to(device)
-        return ids, step_randomness(cfg.seed, step, B, C, cfg.zeta, device)
+        i = step % per_epoch
+        return perm[i * B:(i + 1) * B], step_randomness(cfg.seed, step, B, C, cfg.zeta, device)
     ids0, rnd0 = batch()
     premade = augment_views(osessl_run, train_x[ids0], rnd0)
     workers = os.cpu_count() or 1
