@@ -141,7 +141,7 @@ def check_config(cfg: Config):
     for name, value in positive.items():
         if not value > 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    non_negative = dict(weight_decay=cfg.weight_decay, warmup_epochs=cfg.warmup_epochs, final_lr_ratio=cfg.final_lr_ratio,
+    non_negative = dict(lambda_proto=cfg.lambda_proto, mu_mix=cfg.mu_mix, weight_decay=cfg.weight_decay, warmup_epochs=cfg.warmup_epochs, final_lr_ratio=cfg.final_lr_ratio,
                         eval_every=cfg.eval_every, max_steps=cfg.max_steps, train_limit=cfg.train_limit, test_limit=cfg.test_limit)
     for name, value in non_negative.items():
         if value < 0:
@@ -154,8 +154,6 @@ def check_config(cfg: Config):
         raise UsageError(f"--alpha must lie in [0, 1], got {cfg.alpha}")
     if cfg.dispersion not in ("mean", "logsumexp"):
         raise UsageError(f"unknown --dispersion {cfg.dispersion!r}: use mean or logsumexp")
-    if cfg.lambda_proto < 0 or cfg.mu_mix < 0:
-        raise UsageError("--lambda-proto and --mu-mix must be >= 0")
 
 
 # ============ 2. Data and the one-shot setting (METHOD.md section 1) ============
