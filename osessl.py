@@ -225,14 +225,13 @@ def load_imagefolder_split(root, split):
 
 def make_synthetic(num_classes, per_class, seed=0, size=32):
     """Class-structured images: each class is a random low-frequency colour layout, each image that
-    layout shifted, rescaled in brightness and noised. Learnable, tiny, needs no files."""
+    layout at a random brightness plus pixel noise. Learnable, tiny, needs no files."""
     g = torch.Generator().manual_seed(seed)
     layouts = torch.rand(num_classes, 3, 4, 4, generator=g)
 
     def sample(n):
         y = torch.arange(n) % num_classes
         x = F.interpolate(layouts[y], size=size, mode="bilinear", align_corners=False)
-        x = torch.roll(x, shifts=(int(torch.randint(-4, 5, (1,), generator=g)),) * 2, dims=(2, 3))
         x = x * (0.7 + 0.6 * torch.rand(n, 1, 1, 1, generator=g)) + 0.15 * torch.randn(x.shape, generator=g)
         return (x.clamp(0, 1) * 255).round().to(torch.uint8), y
     return (*sample(num_classes * per_class), *sample(num_classes * max(1, per_class // 4)), num_classes)
@@ -248,7 +247,11 @@ def load_data(cfg):
         tx, ty, classes = load_imagefolder_split(cfg.data_dir, "train")
         vx, vy, test_classes = load_imagefolder_split(cfg.data_dir, "test")
         if test_classes != classes:
-            raise UsageError(f"{cfg.data_dir}/test has classes {len(test_classes)} that differ from train/ ({len(classes)})")
+            raise UsageError(f"{cfg.data_dir}: test/ and train/ hold different class folders ({len(test_classes)} and "
+                             f"{len(classes)}): both need the same classes")
+        if tx.shape[-1] != tx.shape[-2] or vx.shape[1:] != tx.shape[1:]:
+            raise UsageError(f"{cfg.data_dir}: images must be square and of one size in train/ and test/, "
+                             f"got {tuple(tx.shape[2:])} and {tuple(vx.shape[2:])}")
         data = (tx, ty, vx, vy, len(classes))
     else:
         data = make_synthetic(cfg.synthetic_classes, cfg.synthetic_per_class, seed=cfg.seed)
@@ -427,11 +430,11 @@ def sample_beta(n, zeta, g, tries=8):
     return a / (a + b)
 
 
-def step_randomness(seed, step, n_global, n_exemplars, zeta, device):
+def step_randomness(seed, step, n_global, n_exemplars, zeta, device, size=32):
     """Everything random in one training step, for the global batch, in a fixed order."""
     g = step_generator(seed, step, device)
-    return SimpleNamespace(weak=sample_view_params(n_global, g), strong=sample_view_params(n_global, g),
-                           exemplar=sample_view_params(n_exemplars, g), beta=sample_beta(n_global, zeta, g),
+    return SimpleNamespace(weak=sample_view_params(n_global, g, size), strong=sample_view_params(n_global, g, size),
+                           exemplar=sample_view_params(n_exemplars, g, size), beta=sample_beta(n_global, zeta, g),
                            partner=torch.randperm(n_global, generator=g, device=device))
 
 
@@ -906,7 +909,7 @@ def train(cfg, rank=0, world=1, device=None):
                 perm = u_dev[epoch_permutation(cfg.seed, epoch, len(u_idx)).to(device)]
             ids = perm[i * Bg:(i + 1) * Bg]
             mine = ids[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
-            rnd = step_randomness(cfg.seed, step, Bg, num_classes, cfg.zeta, device)
+            rnd = step_randomness(cfg.seed, step, Bg, num_classes, cfg.zeta, device, train_x.shape[-1])
             losses = training_step(run, *augment_views(run, train_x[mine], rnd), ids, rnd, lr_schedule(step, total, warmup, peak_lr, cfg.final_lr_ratio),
                                    ema_schedule(step, total, cfg.ema_start))
             # first step at which each term went non-finite, kept on the device (checked once per epoch)
@@ -1034,7 +1037,7 @@ def time_per_call(fn, device, steps, repeats=5, warmup=5):
 def pil_dataloader(images, mean, std, batch_size, workers, pin):
     """The usual pipeline, for comparison: torchvision PIL transforms in a DataLoader."""
     from torchvision import transforms as T
-    weak = T.Compose([T.RandomResizedCrop(32, scale=(0.2, 1.0)), T.RandomHorizontalFlip()])
+    weak = T.Compose([T.RandomResizedCrop(images.shape[-1], scale=(0.2, 1.0)), T.RandomHorizontalFlip()])
     strong = T.Compose([weak, T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
                         T.RandomGrayscale(0.2), T.RandomSolarize(128, p=0.2)])
     finish = T.Compose([T.ToTensor(), T.Normalize(mean.tolist(), std.tolist())])
@@ -1071,7 +1074,7 @@ def benchmark(cfg, device):
     def batch():  # as in training: a slice of a device-side permutation, no host-device copy
         step = next(counter)
         i = step % per_epoch
-        return perm[i * B:(i + 1) * B], step_randomness(cfg.seed, step, B, C, cfg.zeta, device)
+        return perm[i * B:(i + 1) * B], step_randomness(cfg.seed, step, B, C, cfg.zeta, device, train_x.shape[-1])
     ids0, rnd0 = batch()
     premade = augment_views(osessl_run, train_x[ids0], rnd0)
     workers = os.cpu_count() or 1

@@ -222,6 +222,15 @@ def test_augmentation_shapes_ranges_randomness_and_reproducibility():
     assert not torch.equal(O.augment(x, other.strong, mean, std, True), O.augment(x, p.strong, mean, std, True))
 
 
+def test_crop_boxes_fit_the_image_size():
+    for size in (16, 32, 64):
+        p = O.sample_view_params(2000, O.step_generator(0, 0, torch.device("cpu")), size)
+        top, left, h, w = p["box"].unbind(1)
+        assert (h >= 1).all() and (top >= 0).all() and (top + h <= size).all() and (left + w <= size).all()
+        scale = h * w / size ** 2
+        assert scale.min() > 0.15 and scale.max() > 0.9  # scale (0.2, 1), up to rounding of the box sides
+
+
 def test_full_box_without_flip_is_identity():
     x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     p = dict(box=torch.tensor([[0.0, 0, 32, 32]] * 2), flip=torch.tensor([False, True]))
