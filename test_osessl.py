@@ -627,3 +627,17 @@ def test_benchmark_prints_its_table():
     for row in ("device pipeline", "pre-made tensors", "augmentation alone", "ReSA-only", "PIL DataLoader"):
         assert row in r.stdout, row
     assert "ms/step" in r.stdout and "s/epoch" in r.stdout
+
+
+@pytest.mark.parametrize("name", ["01_neighbor_selection", "02_prototype_construction"])
+def test_notebook_executes_in_fast_mode(name, monkeypatch):
+    """The teaching notebooks run top to bottom on synthetic data and a tiny fresh run (OSESSL_FAST=1)."""
+    import nbclient
+    import nbformat
+    monkeypatch.setenv("OSESSL_FAST", "1")
+    nb = nbformat.read(os.path.join(HERE, "notebooks", name + ".ipynb"), as_version=4)
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": os.path.join(HERE, "notebooks")}}).execute()
+    outputs = [o for c in nb.cells for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 4
