@@ -738,12 +738,13 @@ def training_step(run, x1, x2, ids, rnd, lr, m):
     losses = {"resa": resa_loss(z[0], z[1], z1m, z2m, A, cfg.resa_temp)}
     loss = losses["resa"]
     if use_exemplars:
-        protos, nbr, _ = build_prototypes(z[-1], run.bank.feats, run.bank.valid(), cfg.k, cfg.alpha, cfg.tau_w)
+        valid = run.bank.valid()
+        protos, nbr, _ = build_prototypes(z[-1], run.bank.feats, valid, cfg.k, cfg.alpha, cfg.tau_w)
         with torch.no_grad():  # teacher assignments p'_v of the global batch against sg(c)
             t1, t2 = assign(z1m, protos, cfg.tau_t), assign(z2m, protos, cfg.tau_t)
             labels = run.labels[run.bank.ids[nbr]]  # diagnostic only: never reaches the loss
-            hit = (labels == torch.arange(len(labels), device=labels.device)[:, None]).float()
-            losses["nbr_precision"] = (hit * run.bank.valid()[nbr]).sum() / run.bank.valid()[nbr].sum().clamp_min(1)
+            hit = labels == torch.arange(len(labels), device=labels.device)[:, None]
+            losses["nbr_precision"] = (hit & valid[nbr]).sum() / valid[nbr].sum().clamp_min(1)
         losses["align"] = align_loss(z[0], z[1], protos, t1[rows], t2[rows], cfg.tau_s)
         losses["disp"] = dispersion_loss(protos, cfg.tau_s, cfg.dispersion)
         loss = loss + cfg.lambda_proto * (losses["align"] + losses["disp"])
