@@ -4,7 +4,7 @@ One labeled image per class grounds a clustering-based self-supervised learner (
 real class space: exemplar-guided prototypes, a dual-view alignment loss, a dispersion
 regulariser and mixup interpolation consistency. The file reads in the order of the method
 (METHOD.md): config, data, augmentation, networks, ReSA loss, exemplar prototypes, prototype
-losses, interpolation losses, training step, training loop, entry point.
+losses, interpolation losses, training step, training loop, benchmark, entry point.
 
 Run (the same file with or without a launcher):
   python osessl.py --dataset synthetic --epochs 2                     # quick start, no files
