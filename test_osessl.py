@@ -641,3 +641,21 @@ def test_notebook_executes_in_fast_mode(name, monkeypatch):
     outputs = [o for c in nb.cells for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 4
+
+
+def test_bf16_autocast_and_channels_last_path_on_cpu():
+    """The GPU settings (bf16 autocast, channels_last), emulated on the CPU: the step runs, the
+    networks' outputs are cast back so that losses, targets and bank stay float32 and finite."""
+    cfg = O.parse_config(TINY + SMALL)
+    tx, ty, _, _, C = O.load_data(cfg)
+    run = O.build_run(cfg, 0, 1, torch.device("cpu"), tx, ty, O.select_exemplars(cfg, ty, C), C)
+    run.autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    run.net.to(memory_format=torch.channels_last)
+    run.momentum_net.to(memory_format=torch.channels_last)
+    run.to_net = lambda x: x.contiguous(memory_format=torch.channels_last)
+    for step in range(3):
+        ids = torch.arange(step * 32, step * 32 + 32)
+        rnd = O.step_randomness(0, step, 32, C, 1.0, torch.device("cpu"))
+        losses = O.training_step(run, *O.augment_views(run, tx[ids], rnd), ids, rnd, 0.01, 0.996)
+        assert all(v.dtype == torch.float32 and v.isfinite() for v in losses.values())
+    assert run.bank.feats.dtype == torch.float32 and int(run.bank.filled) == 96
