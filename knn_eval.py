@@ -119,6 +119,7 @@ def summarize(run_dirs, plot=None):
     import json
     import os
     import statistics
+    from osessl import dataset_name
     runs = []
     for d in run_dirs:
         cfg = json.load(open(os.path.join(d, "config.json")))
@@ -127,7 +128,7 @@ def summarize(run_dirs, plot=None):
         if os.path.exists(os.path.join(d, "eval.json")):
             final.update(json.load(open(os.path.join(d, "eval.json"))))
         arm = "ReSA" if cfg["lambda_proto"] == 0 and cfg["mu_mix"] == 0 else "OSESSL"
-        runs.append(dict(dir=d, arm=arm, seed=cfg["exemplar_seed"], dataset=cfg["dataset"], epochs=rows[-1]["epoch"],
+        runs.append(dict(dir=d, arm=arm, seed=cfg["exemplar_seed"], dataset=dataset_name(cfg["dataset"], cfg["data_dir"]), epochs=rows[-1]["epoch"],
                          final=final, curve=[(r["epoch"], r["knn5"]) for r in rows if "knn5" in r]))
     print(f"{'dataset':<12} {'epochs':>6} {'protocol':<62} {'ReSA':>7} {'OSESSL (mean +- sd, seeds)':>30} {'gain':>6}")
     for key in sorted({(r["dataset"], r["epochs"]) for r in runs}):

@@ -790,8 +790,14 @@ def evaluate(run, eval_mem_x, eval_mem_y, test_x, test_y):
     return knn_eval.knn_report(feats(eval_mem_x), eval_mem_y, feats(test_x), test_y, run.num_classes)
 
 
+def dataset_name(dataset, data_dir):
+    """cifar10, cifar100, synthetic, or the ImageFolder's folder name (data/cifar100 -> cifar100)."""
+    return os.path.basename(os.path.normpath(data_dir)) if dataset == "imagefolder" else dataset
+
+
 def prepare_run_dir(cfg, method):
-    out = cfg.out or os.path.join("runs", f"{cfg.dataset}-{method}-{time.strftime('%Y%m%d-%H%M%S')}")
+    name = dataset_name(cfg.dataset, cfg.data_dir)
+    out = cfg.out or os.path.join("runs", f"{name}-{method}-{time.strftime('%Y%m%d-%H%M%S')}")
     if cfg.resume:
         out = cfg.out or os.path.dirname(cfg.resume)
     elif os.path.isdir(out) and os.listdir(out) and not cfg.overwrite:
