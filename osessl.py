@@ -821,8 +821,9 @@ def read_checkpoint(path):
     return ck
 
 
-def load_checkpoint(cfg, num_classes):
-    ck = read_checkpoint(cfg.resume)
+def load_checkpoint(cfg, num_classes, ck=None):
+    """Read cfg.resume (unless already read) and refuse it if it was trained on other data."""
+    ck = ck or read_checkpoint(cfg.resume)
     if ck["config"]["dataset"] != cfg.dataset or ck["num_classes"] != num_classes:
         raise UsageError(f"{cfg.resume} was trained on {ck['config']['dataset']} with {ck['num_classes']} classes, "
                          f"not {cfg.dataset} with {num_classes}: pass the matching --dataset/--data-dir")
@@ -880,13 +881,13 @@ def train(cfg, rank=0, world=1, device=None):
     steps_per_epoch = len(u_idx) // Bg
     total = cfg.epochs * steps_per_epoch
     warmup = cfg.warmup_epochs * steps_per_epoch
-    step, sums, n_sum = 0, {}, 0
+    step, sums = 0, {}
     if ck is not None:
         net.load_state_dict(ck["net"])
         momentum.load_state_dict(ck["momentum"])
         opt.load_state_dict(ck["opt"])
         bank.load_state_dict(ck["bank"])
-        step, n_sum = ck["step"], ck["n_sum"]
+        step = ck["step"]
         sums = {k: v.to(device) for k, v in ck["sums"].items()}
         torch.set_rng_state(ck["rng"])
 
@@ -895,7 +896,7 @@ def train(cfg, rank=0, world=1, device=None):
             save_checkpoint(os.path.join(out, "last.pt"), dict(
                 format=CHECKPOINT_FORMAT, config=asdict(cfg), num_classes=num_classes, step=step, epoch=step // steps_per_epoch,
                 net=net.state_dict(), momentum=momentum.state_dict(), opt=opt.state_dict(), bank=bank.state_dict(),
-                exemplars=ex_idx, sums=sums, n_sum=n_sum, rng=torch.get_rng_state()))
+                exemplars=ex_idx, sums=sums, rng=torch.get_rng_state()))
 
     if rank == 0:
         os.makedirs(out, exist_ok=True)
@@ -909,10 +910,10 @@ def train(cfg, rank=0, world=1, device=None):
     u_dev = u_idx.to(device)
     last = min(cfg.max_steps or total, total)
     with Preemption(world) as stop:
-        t_epoch, t_print, seen, first_bad = time.time(), time.time(), 0, None
+        t_epoch, t_print, seen, first_bad, perm = time.time(), time.time(), 0, None, None
         while step < last:
             epoch, i = divmod(step, steps_per_epoch)
-            if i == 0 or step == (ck or {}).get("step"):
+            if i == 0 or perm is None:
                 perm = u_dev[epoch_permutation(cfg.seed, epoch, len(u_idx)).to(device)]
             ids = perm[i * Bg:(i + 1) * Bg]
             mine = ids[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
@@ -925,7 +926,7 @@ def train(cfg, rank=0, world=1, device=None):
             first_bad = torch.where((first_bad < 0) & ~finite, step, first_bad)
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0) + v
-            n_sum, step, seen = n_sum + 1, step + 1, seen + Bg
+            step, seen = step + 1, seen + Bg
             if rank == 0 and time.time() - t_print > 30 and step % steps_per_epoch:
                 t_print = time.time()
                 print(f"  epoch {epoch + 1} step {i + 1}/{steps_per_epoch} | {seen / (time.time() - t_epoch):.0f} img/s", flush=True)
@@ -935,13 +936,13 @@ def train(cfg, rank=0, world=1, device=None):
             check_finite(first_bad, list(losses), out)  # before saving: the last good checkpoint stays
             if step % steps_per_epoch == 0:  # a metrics row per completed epoch
                 seconds = time.time() - t_epoch
-                row = dict(epoch=epoch + 1, step=step, **epoch_means(sums, n_sum, world),
+                row = dict(epoch=epoch + 1, step=step, **epoch_means(sums, steps_per_epoch, world),
                            lr=lr_schedule(step - 1, total, warmup, peak_lr, cfg.final_lr_ratio),
                            momentum=ema_schedule(step - 1, total, cfg.ema_start), seconds=round(seconds, 2),
                            images_per_s=round(seen / seconds, 1))
                 if rank == 0 and (step == total or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
                     row.update(evaluate(run, eval_x, eval_y, test_x, test_y))
-                sums, n_sum = {}, 0
+                sums = {}
                 if rank == 0:
                     log_epoch(out, row, cfg.epochs)
             checkpoint()
