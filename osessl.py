@@ -95,7 +95,9 @@ class Config:
     out: str = opt("", "run directory (default runs/<dataset>-<method>-<timestamp>)")
     overwrite: bool = opt(False, "allow writing into a --out that already holds another run")
     resume: str = opt("", "checkpoint (last.pt) to continue from")
-    compile: bool = opt(False, "torch.compile the networks")
+    compile: bool = opt(False, "torch.compile the augmentation and the whole objective (networks, Sinkhorn, prototypes, losses)")
+    compile_mode: str = opt("default", "torch.compile mode with --compile: default | reduce-overhead (CUDA graphs) | "
+                            "max-autotune | max-autotune-no-cudagraphs")
     device: str = opt("", "cuda | cpu (default: cuda when available)")
     benchmark: bool = opt(False, "time the training step and its data pipelines, print a table, and exit (no run directory)")
     benchmark_steps: int = opt(20, "timed steps per repeat of --benchmark (5 repeats, median reported, after 5 warm-up steps)")
@@ -129,7 +131,7 @@ def parse_config(argv=None) -> Config:
     return cfg
 
 
-RUN_CONTROL = ("out", "overwrite", "resume", "max_steps", "compile", "device", "benchmark", "benchmark_steps")
+RUN_CONTROL = ("out", "overwrite", "resume", "max_steps", "compile", "compile_mode", "device", "benchmark", "benchmark_steps")
 
 
 def check_config(cfg: Config):
@@ -154,6 +156,9 @@ def check_config(cfg: Config):
         raise UsageError(f"--alpha must lie in [0, 1], got {cfg.alpha}")
     if cfg.dispersion not in ("mean", "logsumexp"):
         raise UsageError(f"unknown --dispersion {cfg.dispersion!r}: use mean or logsumexp")
+    if cfg.compile_mode not in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+        raise UsageError(f"unknown --compile-mode {cfg.compile_mode!r}: use default, reduce-overhead, max-autotune "
+                         f"or max-autotune-no-cudagraphs")
 
 
 # ============ 2. Data and the one-shot setting (METHOD.md section 1) ============
@@ -714,9 +719,11 @@ def augment_views(run, images, rnd):
             run.to_net(augment(images, local(rnd.strong), run.mean, run.std, strong=True)))
 
 
-def training_step(run, x1, x2, ids, rnd, lr, m):
-    """One optimiser step on this process's weak and strong views (B, 3, H, W); ids: global sample
-    ids (B_g,). Returns the loss terms as detached device tensors (no host synchronisation)."""
+def objective(run, x1, x2, ids, rnd):
+    """L for this process's weak and strong views (B, 3, H, W); ids: global sample ids (B_g,).
+    Reads the memory bank and changes nothing, so that --compile can make the whole objective one
+    graph (both networks, Sinkhorn, prototypes, every loss term; tested). Returns L, its terms
+    (detached) and the momentum weak-view embeddings of the global batch, the bank's next entries."""
     cfg, B, Bg = run.cfg, x1.shape[0], ids.shape[0]
     rows = slice(run.rank * B, (run.rank + 1) * B)
     use_exemplars = cfg.lambda_proto > 0 or cfg.mu_mix > 0
@@ -729,7 +736,7 @@ def training_step(run, x1, x2, ids, rnd, lr, m):
         views.append(run.to_net(augment(run.exemplar_images, rnd.exemplar, run.mean, run.std, strong=False)))
 
     with torch.no_grad(), run.autocast():
-        h1m, (z1m, z2m) = run.momentum(x1, x2)
+        h1m, (z1m, z2m) = run.momentum_net(x1, x2)
     h1m, z1m, z2m = gather(h1m), gather(z1m), gather(z2m)      # (B_g, .) global momentum outputs
     with run.autocast():
         h1, z = run.online(*views)
@@ -754,16 +761,22 @@ def training_step(run, x1, x2, ids, rnd, lr, m):
             losses["mix_ins"] = mix_instance_loss(z[2], torch.cat([z1m, z2m]), instance_mix_target(beta, own, partner, Bg), cfg.resa_temp)
             loss = loss + cfg.mu_mix * (losses["mix_proto"] + losses["mix_ins"])
     losses["loss"] = loss
+    return loss, {k: v.detach() for k, v in losses.items()}, z1m
 
+
+def training_step(run, x1, x2, ids, rnd, lr, m):
+    """One optimiser step: L, backward, SGD, EMA of the momentum network, enqueue into the bank.
+    Returns the loss terms as device tensors: nothing here waits for the device (tested)."""
+    loss, losses, z1m = run.objective(run, x1, x2, ids, rnd)
     for group in run.opt.param_groups:
         group["lr"] = lr
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
     run.opt.step()
     ema_update(run.momentum_net, run.net, m)
-    if use_exemplars:
+    if run.cfg.lambda_proto > 0 or run.cfg.mu_mix > 0:
         run.bank.enqueue(z1m, ids)
-    return {k: v.detach() for k, v in losses.items()}
+    return losses
 
 
 # ============ 10. Training loop: schedules, evaluation, checkpoints, logs ============
@@ -843,13 +856,14 @@ def build_run(cfg, rank, world, device, train_x, train_y, ex_idx, num_classes):
     fmt = torch.channels_last if cuda else torch.contiguous_format
     net, momentum = net.to(device, memory_format=fmt), momentum.to(device, memory_format=fmt)
     online = nn.parallel.DistributedDataParallel(net, broadcast_buffers=False) if world > 1 else net
-    momentum_fwd = momentum
-    if cfg.compile:
-        online, momentum_fwd = torch.compile(online), torch.compile(momentum)
+    # --compile: augmentation and the whole objective become compiled graphs (fused elementwise
+    # kernels, fewer launches); backward, the fused SGD step and the EMA stay eager.
+    compiled = (lambda f: torch.compile(f, mode=cfg.compile_mode)) if cfg.compile else (lambda f: f)
     peak_lr = cfg.lr * cfg.batch_size * world / 256  # linear scaling with the global batch
     opt = torch.optim.SGD(net.parameters(), lr=peak_lr, momentum=0.9, weight_decay=cfg.weight_decay,
                           **({"fused": True} if cuda else {}))
-    return SimpleNamespace(cfg=cfg, rank=rank, net=net, online=online, momentum=momentum_fwd, momentum_net=momentum,
+    return SimpleNamespace(cfg=cfg, rank=rank, net=net, online=online, momentum_net=momentum,
+                           objective=compiled(objective), augment=compiled(augment_views),
                            opt=opt, peak_lr=peak_lr, bank=MemoryBank(cfg.bank_size, cfg.proj_dim, device), mean=mean, std=std,
                            num_classes=num_classes, labels=train_y.to(device), exemplar_images=train_x[ex_idx.to(device)],
                            to_net=lambda x: x.contiguous(memory_format=fmt),
@@ -918,7 +932,7 @@ def train(cfg, rank=0, world=1, device=None):
             ids = perm[i * Bg:(i + 1) * Bg]
             mine = ids[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
             rnd = step_randomness(cfg.seed, step, Bg, num_classes, cfg.zeta, device, train_x.shape[-1])
-            losses = training_step(run, *augment_views(run, train_x[mine], rnd), ids, rnd, lr_schedule(step, total, warmup, peak_lr, cfg.final_lr_ratio),
+            losses = training_step(run, *run.augment(run, train_x[mine], rnd), ids, rnd, lr_schedule(step, total, warmup, peak_lr, cfg.final_lr_ratio),
                                    ema_schedule(step, total, cfg.ema_start))
             # first step at which each term went non-finite, kept on the device (checked once per epoch)
             finite = torch.stack([v.isfinite() for v in losses.values()])
@@ -1071,8 +1085,8 @@ def benchmark(cfg, device):
     B = cfg.batch_size
     if B > len(train_x) or B > cfg.bank_size:
         raise UsageError(f"--batch-size {B} must not exceed the {len(train_x)} training images nor --bank-size")
-    runs = {m: build_run(Config(**{**asdict(cfg), **w}), 0, 1, device, train_x, train_y, ex_idx, C)
-            for m, w in (("osessl", {}), ("resa", dict(lambda_proto=0.0, mu_mix=0.0)))}
+    variants = dict(osessl={}, resa=dict(lambda_proto=0.0, mu_mix=0.0), **({"eager": dict(compile=False)} if cfg.compile else {}))
+    runs = {m: build_run(Config(**{**asdict(cfg), **w}), 0, 1, device, train_x, train_y, ex_idx, C) for m, w in variants.items()}
     osessl_run = runs["osessl"]
     counter = iter(range(10 ** 9))
 
@@ -1084,24 +1098,27 @@ def benchmark(cfg, device):
         i = step % per_epoch
         return perm[i * B:(i + 1) * B], step_randomness(cfg.seed, step, B, C, cfg.zeta, device, train_x.shape[-1])
     ids0, rnd0 = batch()
-    premade = augment_views(osessl_run, train_x[ids0], rnd0)
+    premade = [x.clone() for x in osessl_run.augment(osessl_run, train_x[ids0], rnd0)]  # CUDA graphs reuse outputs
     workers = os.cpu_count() or 1
     loader = pil_dataloader(cpu_x, osessl_run.mean.cpu(), osessl_run.std.cpu(), B, workers, device.type == "cuda")
 
     def pipeline_step(run):
         ids, rnd = batch()
-        training_step(run, *augment_views(run, train_x[ids], rnd), ids, rnd, 0.01, 0.996)
+        training_step(run, *run.augment(run, train_x[ids], rnd), ids, rnd, 0.01, 0.996)
 
     def pil_step():
         x1, x2 = (osessl_run.to_net(x.to(device, non_blocking=True)) for x in next(loader))
         training_step(osessl_run, x1, x2, ids0, rnd0, 0.01, 0.996)
     rows = [("OSESSL step, device pipeline (data + augmentation + step)", lambda: pipeline_step(osessl_run)),
             ("OSESSL step on pre-made tensors (compute only)", lambda: training_step(osessl_run, *premade, ids0, rnd0, 0.01, 0.996)),
-            ("device augmentation alone (weak + strong views)", lambda: augment_views(osessl_run, train_x[batch()[0]], rnd0)),
+            ("device augmentation alone (weak + strong views)", lambda: osessl_run.augment(osessl_run, train_x[batch()[0]], rnd0)),
             ("ReSA-only step, device pipeline (lambda = mu = 0)", lambda: pipeline_step(runs["resa"])),
             (f"OSESSL step fed by a PIL DataLoader ({workers} workers)", pil_step)]
+    if cfg.compile:  # what compilation buys, measured in the same run
+        rows.append(("OSESSL step, device pipeline, eager (no --compile)", lambda: pipeline_step(runs["eager"])))
     print(f"benchmark: {cfg.dataset}, batch {B}, width {cfg.width}, {C} classes, device {device}"
-          f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, compile {cfg.compile}, "
+          f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
+          f"compile {cfg.compile_mode if cfg.compile else 'off'}, "
           f"median of 5 x {cfg.benchmark_steps} steps after 5 warm-up steps")
     print(f"{'what':<60} {'ms/step':>9} {'images/s':>10} {'s/epoch':>8} {'peak MiB':>9}")
     for name, fn in rows:
