@@ -1079,7 +1079,7 @@ def pil_dataloader(images, mean, std, batch_size, workers, pin):
 
 def benchmark(cfg, device):
     """One table, every row measured in this run: ms/step, images/s, s per 50,000-image epoch, peak memory."""
-    train_x, train_y, _, _, C = load_data(cfg)
+    train_x, train_y, test_x, test_y, C = load_data(cfg)
     ex_idx = select_exemplars(cfg, train_y, C)
     cpu_x, train_x = train_x, train_x.to(device)
     B = cfg.batch_size
@@ -1109,6 +1109,7 @@ def benchmark(cfg, device):
     def pil_step():
         x1, x2 = (osessl_run.to_net(x.to(device, non_blocking=True)) for x in next(loader))
         training_step(osessl_run, x1, x2, ids0, rnd0, 0.01, 0.996)
+    memory, test = (train_x, train_y.to(device)), (test_x.to(device), test_y.to(device))
     rows = [("OSESSL step, device pipeline (data + augmentation + step)", lambda: pipeline_step(osessl_run)),
             ("OSESSL step on pre-made tensors (compute only)", lambda: training_step(osessl_run, *premade, ids0, rnd0, 0.01, 0.996)),
             ("device augmentation alone (weak + strong views)", lambda: osessl_run.augment(osessl_run, train_x[batch()[0]], rnd0)),
@@ -1121,12 +1122,17 @@ def benchmark(cfg, device):
           f"compile {cfg.compile_mode if cfg.compile else 'off'}, "
           f"median of 5 x {cfg.benchmark_steps} steps after 5 warm-up steps")
     print(f"{'what':<60} {'ms/step':>9} {'images/s':>10} {'s/epoch':>8} {'peak MiB':>9}")
-    for name, fn in rows:
+    # the last row times one k-NN evaluation (features of every training and test image, 3 protocols)
+    timed = [(name, fn, cfg.benchmark_steps, 5, B, True) for name, fn in rows] + [
+        (f"k-NN evaluation of {len(train_x)} + {len(test_x)} images (ms per evaluation)",
+         lambda: evaluate(osessl_run, *memory, *test), 1, 1, len(train_x) + len(test_x), False)]
+    for name, fn, steps, warmup, images, is_step in timed:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        sec = time_per_call(fn, device, cfg.benchmark_steps)
+        sec = time_per_call(fn, device, steps, warmup=warmup)
         peak = f"{torch.cuda.max_memory_allocated(device) / 2 ** 20:9.0f}" if device.type == "cuda" else f"{'n/a':>9}"
-        print(f"{name:<60} {sec * 1e3:9.1f} {B / sec:10.0f} {50_000 / (B / sec):8.2f} {peak}", flush=True)
+        epoch = f"{50_000 / (images / sec):8.2f}" if is_step else f"{'-':>8}"
+        print(f"{name:<60} {sec * 1e3:9.1f} {images / sec:10.0f} {epoch} {peak}", flush=True)
 
 
 # ============ 12. Entry point: one process, or one per GPU under torchrun (nanoGPT style) ============

@@ -629,7 +629,7 @@ def test_benchmark_prints_its_table(capsys, monkeypatch):
     O.main(["--benchmark", *TINY, "--benchmark-steps", "1", "--compile"])
     out = capsys.readouterr().out
     for row in ("device pipeline (data", "pre-made tensors", "augmentation alone", "ReSA-only", "PIL DataLoader",
-                "eager (no --compile)"):
+                "eager (no --compile)", "k-NN evaluation of 320 + 80 images"):
         assert row in out, row
     assert "ms/step" in out and "s/epoch" in out and "compile default" in out
     torch._dynamo.reset()
