@@ -15,6 +15,7 @@ Used by osessl.py every --eval-every epochs, and on its own:
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import torch
@@ -115,7 +116,7 @@ def one_shot(test_z, test_y, exemplar_z, prototypes):
 def summarize(run_dirs, plot=None):
     """Results table of several runs (their config.json, metrics.jsonl and eval.json): ReSA against
     OSESSL mean +- spread over exemplar seeds, per dataset and epoch count; optionally a plot of
-    5-NN accuracy against epoch."""
+    5-NN accuracy, neighbour precision and assignment entropies against epoch."""
     import json
     import os
     import statistics
@@ -129,7 +130,7 @@ def summarize(run_dirs, plot=None):
             final.update(json.load(open(os.path.join(d, "eval.json"))))
         arm = "ReSA" if cfg["lambda_proto"] == 0 and cfg["mu_mix"] == 0 else "OSESSL"
         runs.append(dict(dir=d, arm=arm, seed=cfg["exemplar_seed"], dataset=dataset_name(cfg["dataset"], cfg["data_dir"]), epochs=rows[-1]["epoch"],
-                         final=final, curve=[(r["epoch"], r["knn5"]) for r in rows if "knn5" in r]))
+                         final=final, rows=rows, classes=cfg["num_classes"]))
     print(f"{'dataset':<12} {'epochs':>6} {'protocol':<62} {'ReSA':>7} {'OSESSL (mean +- sd, seeds)':>30} {'gain':>6}")
     for key in sorted({(r["dataset"], r["epochs"]) for r in runs}):
         group = [r for r in runs if (r["dataset"], r["epochs"]) == key]
@@ -147,15 +148,25 @@ def summarize(run_dirs, plot=None):
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(6, 4))
+        # accuracy, and the diagnostics that explain it: neighbour precision and assignment entropies
+        panels = [("knn5", "ReSA 5-NN top-1 (%), momentum encoder"), ("nbr_precision", "neighbour precision"),
+                  ("usage_entropy", "entropy / log C: batch usage (-), per image (--)")]
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
         for r in runs:
-            if r["curve"]:
-                e, a = zip(*r["curve"])
-                label = "ReSA" if r["arm"] == "ReSA" else f"OSESSL, exemplar seed {r['seed']}"
-                ax.plot(e, a, color="black" if r["arm"] == "ReSA" else None, label=f"{label} ({r['dataset']})")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("ReSA 5-NN top-1 (%), momentum encoder")
-        ax.legend(fontsize=7)
+            label = "ReSA" if r["arm"] == "ReSA" else f"OSESSL, exemplar seed {r['seed']}"
+            color = "black" if r["arm"] == "ReSA" else None
+            for ax, (key, title) in zip(axes, panels):
+                curve = [(row["epoch"], row[key]) for row in r["rows"] if key in row]
+                if not curve:
+                    continue
+                scale = math.log(r["classes"]) if key == "usage_entropy" else 1
+                line, = ax.plot(*zip(*[(e, v / scale) for e, v in curve]), color=color, label=f"{label} ({r['dataset']})")
+                if key == "usage_entropy":
+                    ax.plot(*zip(*[(row["epoch"], row["assign_entropy"] / scale) for row in r["rows"]]),
+                            color=line.get_color(), linestyle="--")
+                ax.set_title(title, fontsize=9)
+                ax.set_xlabel("epoch")
+        axes[0].legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(plot, dpi=110)
         print(f"plot written to {plot}")

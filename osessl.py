@@ -752,6 +752,9 @@ def objective(run, x1, x2, ids, rnd):
             labels = run.labels[run.bank.ids[nbr]]  # diagnostic only: never reaches the loss
             hit = labels == torch.arange(len(labels), device=labels.device)[:, None]
             losses["nbr_precision"] = (hit & valid[nbr]).sum() / valid[nbr].sum().clamp_min(1)
+            entropy = lambda p: -(p * p.clamp_min(1e-12).log()).sum(-1)  # nats; log C = uniform
+            losses["assign_entropy"] = entropy(t1).mean()  # how sharp each image's p'_1 is
+            losses["usage_entropy"] = entropy(t1.mean(0))  # how evenly the batch spreads over the C prototypes
         losses["align"] = align_loss(z[0], z[1], protos, t1[rows], t2[rows], cfg.tau_s)
         losses["disp"] = dispersion_loss(protos, cfg.tau_s, cfg.dispersion)
         loss = loss + cfg.lambda_proto * (losses["align"] + losses["disp"])

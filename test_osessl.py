@@ -3,6 +3,7 @@
 Run: python -m pytest -q test_osessl.py
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -333,8 +334,10 @@ def test_end_to_end_cli_and_knn_eval(tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2
     for key in ("loss", "resa", "align", "disp", "mix_proto", "mix_ins", "lr", "momentum", "seconds",
-                "images_per_s", "knn5", "knn20_cos", "knn200_cos", "nbr_precision"):
+                "images_per_s", "knn5", "knn20_cos", "knn200_cos", "nbr_precision", "assign_entropy", "usage_entropy"):
         assert key in rows[-1], key
+    for row in rows:  # entropies of distributions over C = 10 prototypes lie in [0, log 10]
+        assert 0 <= row["assign_entropy"] <= row["usage_entropy"] <= math.log(10) + 1e-6
     assert "epoch 2/2" in r.stdout
     e = run_cli("--checkpoint", str(out / "last.pt"), "--linear", script="knn_eval.py")
     assert e.returncode == 0, e.stderr
