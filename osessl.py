@@ -205,10 +205,12 @@ def load_imagefolder_split(root, split):
     classes, files = _list_split(root, split)
     key = hashlib.sha1(json.dumps([(os.path.relpath(p, root), os.path.getsize(p)) for p, _ in files]).encode()).hexdigest()
     cache = os.path.join(root, f".osessl-cache-{split}.pt")
-    if os.path.exists(cache):
+    try:
         c = torch.load(cache)
         if c.get("key") == key:
             return c["x"], c["y"], classes
+    except Exception:
+        pass  # no cache yet, or an unreadable one: decode (and rewrite it)
     images = []
     for path, _ in files:
         try:
@@ -220,9 +222,10 @@ def load_imagefolder_split(root, split):
             raise UsageError(f"image {path} is {tuple(img.shape[1:])}, others are {tuple(images[0].shape[1:])}: all images must share one size")
         images.append(img)
     x, y = torch.stack(images), torch.tensor([c for _, c in files])
+    tmp = f"{cache}.{os.getpid()}.tmp"  # several runs may start at once on the same data
     try:
-        torch.save({"key": key, "x": x, "y": y}, cache + ".tmp")
-        os.replace(cache + ".tmp", cache)
+        torch.save({"key": key, "x": x, "y": y}, tmp)
+        os.replace(tmp, cache)
     except OSError:
         pass  # read-only data directory: decode again next time
     return x, y, classes

@@ -511,6 +511,24 @@ def write_imagefolder(root, classes=("a", "b"), per_class=3):
                 Image.fromarray(torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8).numpy()).save(root / split / c / f"{i}.png")
 
 
+def test_imagefolder_cache_is_reused_refreshed_and_survives_damage(tmp_path):
+    """The decoded ImageFolder is cached beside the data: reused while the files are unchanged,
+    rebuilt when they change, and a damaged cache (say, two runs writing at once) is decoded anew."""
+    write_imagefolder(tmp_path)
+    x, y, classes = O.load_imagefolder_split(str(tmp_path), "train")
+    cache = tmp_path / ".osessl-cache-train.pt"
+    assert cache.exists() and classes == ["a", "b"] and x.shape == (6, 3, 32, 32) and y.tolist() == [0, 0, 0, 1, 1, 1]
+    torch.save({"key": torch.load(cache)["key"], "x": x + 1, "y": y}, cache)  # a marker: is the cache read?
+    assert torch.equal(O.load_imagefolder_split(str(tmp_path), "train")[0], x + 1)
+    from PIL import Image
+    Image.fromarray(torch.zeros(32, 32, 3, dtype=torch.uint8).numpy()).save(tmp_path / "train" / "b" / "9.png")
+    x2, y2, _ = O.load_imagefolder_split(str(tmp_path), "train")  # a new file: decoded again
+    assert len(x2) == 7 and torch.equal(x2[:6], x) and x2[6].sum() == 0
+    cache.write_bytes(b"half a file")
+    assert torch.equal(O.load_imagefolder_split(str(tmp_path), "train")[0], x2)
+    assert torch.equal(torch.load(cache)["x"], x2) and not list(tmp_path.glob("*.tmp"))
+
+
 def bad_inputs(tmp_path):
     write_imagefolder(tmp_path / "ok")
     write_imagefolder(tmp_path / "empty")
