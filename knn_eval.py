@@ -162,7 +162,7 @@ def summarize(run_dirs, plot=None):
                 scale = math.log(r["classes"]) if key == "usage_entropy" else 1
                 line, = ax.plot(*zip(*[(e, v / scale) for e, v in curve]), color=color, label=f"{label} ({r['dataset']})")
                 if key == "usage_entropy":
-                    ax.plot(*zip(*[(row["epoch"], row["assign_entropy"] / scale) for row in r["rows"]]),
+                    ax.plot(*zip(*[(row["epoch"], row["assign_entropy"] / scale) for row in r["rows"] if key in row]),
                             color=line.get_color(), linestyle="--")
                 ax.set_title(title, fontsize=9)
                 ax.set_xlabel("epoch")
