@@ -25,6 +25,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from types import SimpleNamespace
 
@@ -528,7 +529,9 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         from torch.distributed.nn.functional import all_reduce
         dims = [0] + list(range(2, x.dim()))
         n = torch.tensor(float(x.numel() // x.shape[1]))
-        stats = all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), n.view(1)]))
+        with warnings.catch_warnings():  # torch 2.14 deprecates it for a private module; 2.11 has only this
+            warnings.simplefilter("ignore", FutureWarning)
+            stats = all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), n.view(1)]))
         c = x.shape[1]
         total = stats[-1]
         mean = stats[:c] / total
@@ -861,7 +864,7 @@ def build_run(cfg, rank, world, device, train_x, train_y, ex_idx, num_classes):
         net, momentum = sync_batchnorm(net, device), sync_batchnorm(momentum, device)
     fmt = torch.channels_last if cuda else torch.contiguous_format
     net, momentum = net.to(device, memory_format=fmt), momentum.to(device, memory_format=fmt)
-    online = nn.parallel.DistributedDataParallel(net, broadcast_buffers=False) if world > 1 else net
+    online = nn.parallel.DistributedDataParallel(net) if world > 1 else net
     # --compile: augmentation and the whole objective become compiled graphs (fused elementwise
     # kernels, fewer launches); backward, the fused SGD step and the EMA stay eager.
     compiled = (lambda f: torch.compile(f, mode=cfg.compile_mode)) if cfg.compile else (lambda f: f)
