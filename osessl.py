@@ -357,11 +357,12 @@ def sample_view_params(n, g, size=32, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), tr
     h = torch.where(found, h.gather(1, first).squeeze(1), torch.full_like(found, size, dtype=h.dtype))
     top = (rand(n) * (size - h + 1)).floor()
     left = (rand(n) * (size - w + 1)).floor()
-    lo = torch.tensor([0.6, 0.6, 0.8, -0.1], device=d)   # ColorJitter(0.4, 0.4, 0.2, 0.1) factor ranges
-    hi = torch.tensor([1.4, 1.4, 1.2, 0.1], device=d)
-    return dict(box=torch.stack([top, left, h, w], 1), flip=rand(n) < 0.5,
-                jitter=rand(n) < 0.8, factors=lo + (hi - lo) * rand(n, 4), order=rand(n, 4).argsort(1),
-                gray=rand(n) < 0.2, solarize=rand(n) < 0.2)
+    flip, jitter, u = rand(n) < 0.5, rand(n) < 0.8, rand(n, 4)
+    # ColorJitter(0.4, 0.4, 0.2, 0.1): brightness, contrast, saturation factors in 1 +- v, hue shift in 0 +- 0.1
+    # (Python constants, not a torch.tensor: on a GPU that would be a host-to-device copy, which waits)
+    factors = torch.stack([c + v * (2 * u[:, i] - 1) for i, (c, v) in enumerate(((1, 0.4), (1, 0.4), (1, 0.2), (0, 0.1)))], 1)
+    return dict(box=torch.stack([top, left, h, w], 1), flip=flip, jitter=jitter, factors=factors,
+                order=rand(n, 4).argsort(1), gray=rand(n) < 0.2, solarize=rand(n) < 0.2)
 
 
 def _gray(x):
@@ -677,8 +678,8 @@ def dispersion_loss(prototypes, tau_s=0.1, mode="mean"):
     C = prototypes.shape[0]
     sim = prototypes @ prototypes.T / tau_s
     off = ~torch.eye(C, dtype=torch.bool, device=sim.device)
-    if mode == "mean":
-        return sim[off].mean()
+    if mode == "mean":  # (a boolean-mask index would wait for the device to count the mask)
+        return sim.masked_fill(~off, 0).sum() / (C * (C - 1))
     return (torch.logsumexp(sim.masked_fill(~off, float("-inf")), dim=1) - math.log(C - 1)).mean()
 
 
