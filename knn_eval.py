@@ -149,7 +149,8 @@ def summarize(run_dirs, plot=None):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         # accuracy, and the diagnostics that explain it: neighbour precision and assignment entropies
-        panels = [("knn5", "ReSA 5-NN top-1 (%), momentum encoder"), ("nbr_precision", "neighbour precision"),
+        panels = [("knn5", "ReSA 5-NN top-1 (%), momentum encoder"),
+                  ("nbr_precision", "neighbour precision: in training (-), momentum exemplars (:)"),
                   ("usage_entropy", "entropy / log C: batch usage (-), per image (--)")]
         fig, axes = plt.subplots(1, 3, figsize=(15, 4))
         for r in runs:
@@ -161,9 +162,10 @@ def summarize(run_dirs, plot=None):
                     continue
                 scale = math.log(r["classes"]) if key == "usage_entropy" else 1
                 line, = ax.plot(*zip(*[(e, v / scale) for e, v in curve]), color=color, label=f"{label} ({r['dataset']})")
-                if key == "usage_entropy":
-                    ax.plot(*zip(*[(row["epoch"], row["assign_entropy"] / scale) for row in r["rows"] if key in row]),
-                            color=line.get_color(), linestyle="--")
+                second = {"usage_entropy": ("assign_entropy", "--"), "nbr_precision": ("nbr_precision_momentum", ":")}.get(key)
+                points = [(row["epoch"], row[second[0]] / scale) for row in r["rows"] if second and second[0] in row]
+                if points:
+                    ax.plot(*zip(*points), color=line.get_color(), linestyle=second[1], marker=".")
                 ax.set_title(title, fontsize=9)
                 ax.set_xlabel("epoch")
         axes[0].legend(fontsize=7)

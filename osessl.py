@@ -657,6 +657,14 @@ def build_prototypes(exemplars, bank, valid, k=8, alpha=0.75, tau_w=1.0):
     return F.normalize((weights[..., None] * members).sum(1), dim=-1), idx, weights
 
 
+def neighbour_precision(nbr, bank, labels):
+    """Diagnostic, never a loss: the fraction of chosen (filled) neighbours, nbr (C, k), whose true
+    label is their exemplar's class. It reads labels that training never uses."""
+    valid = bank.valid()[nbr]
+    hit = (labels[bank.ids[nbr]] == torch.arange(len(nbr), device=nbr.device)[:, None]) & valid
+    return hit.sum() / valid.sum().clamp_min(1)
+
+
 # ============ 7. Exemplar-guided prototype learning: L_proto = L_align + L_disp (section 5) ============
 def assign(z, prototypes, tau):
     """Soft assignment p = softmax(z @ c^T / tau), (N, d) x (C, d) -> (N, C)."""
@@ -756,9 +764,7 @@ def objective(run, x1, x2, ids, rnd):
         protos, nbr, _ = build_prototypes(z[-1], run.bank.feats, valid, cfg.k, cfg.alpha, cfg.tau_w)
         with torch.no_grad():  # teacher assignments p'_v of the global batch against sg(c)
             t1, t2 = assign(z1m, protos, cfg.tau_t), assign(z2m, protos, cfg.tau_t)
-            labels = run.labels[run.bank.ids[nbr]]  # diagnostic only: never reaches the loss
-            hit = labels == torch.arange(len(labels), device=labels.device)[:, None]
-            losses["nbr_precision"] = (hit & valid[nbr]).sum() / valid[nbr].sum().clamp_min(1)
+            losses["nbr_precision"] = neighbour_precision(nbr, run.bank, run.labels)
             entropy = lambda p: -(p * p.clamp_min(1e-12).log()).sum(-1)  # nats; log C = uniform
             losses["assign_entropy"] = entropy(t1).mean()  # how sharp each image's p'_1 is
             losses["usage_entropy"] = entropy(t1.mean(0))  # how evenly the batch spreads over the C prototypes
@@ -808,9 +814,20 @@ def save_checkpoint(path, obj):
 
 
 def evaluate(run, eval_mem_x, eval_mem_y, test_x, test_y):
-    """k-NN on the momentum encoder's features (METHOD.md section 8)."""
-    feats = lambda x: knn_eval.extract_features(run.momentum_net.encoder, x, run.mean, run.std, run.to_net)
-    return knn_eval.knn_report(feats(eval_mem_x), eval_mem_y, feats(test_x), test_y, run.num_classes)
+    """k-NN on the momentum encoder's features (METHOD.md section 8). With exemplars, also the
+    neighbour precision that the current bank gives to the un-augmented exemplars embedded by the
+    online network (which training uses) and by the momentum network (which fills the bank): a
+    diagnostic of how well the two embeddings agree."""
+    feats = lambda net, x: knn_eval.extract_features(net, x, run.mean, run.std, run.to_net)
+    encoder = run.momentum_net.encoder
+    report = knn_eval.knn_report(feats(encoder, eval_mem_x), eval_mem_y, feats(encoder, test_x), test_y, run.num_classes)
+    if run.cfg.lambda_proto > 0 or run.cfg.mu_mix > 0:
+        cfg = run.cfg
+        for name, net in (("online", run.net), ("momentum", run.momentum_net)):
+            z = F.normalize(feats(nn.Sequential(net.encoder, net.projector), run.exemplar_images), dim=1)
+            nbr = build_prototypes(z, run.bank.feats, run.bank.valid(), cfg.k, cfg.alpha, cfg.tau_w)[1]
+            report[f"nbr_precision_{name}"] = neighbour_precision(nbr, run.bank, run.labels).item()
+    return report
 
 
 def dataset_name(dataset, data_dir):

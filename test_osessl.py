@@ -338,6 +338,7 @@ def test_end_to_end_cli_and_knn_eval(tmp_path):
         assert key in rows[-1], key
     for row in rows:  # entropies of distributions over C = 10 prototypes lie in [0, log 10]
         assert 0 <= row["assign_entropy"] <= row["usage_entropy"] <= math.log(10) + 1e-6
+        assert all(0 <= row[k] <= 1 for k in ("nbr_precision", "nbr_precision_online", "nbr_precision_momentum"))
     assert "epoch 2/2" in r.stdout
     e = run_cli("--checkpoint", str(out / "last.pt"), "--linear", script="knn_eval.py")
     assert e.returncode == 0, e.stderr
