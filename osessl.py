@@ -824,7 +824,7 @@ def evaluate(run, eval_mem_x, eval_mem_y, test_x, test_y):
     if run.cfg.lambda_proto > 0 or run.cfg.mu_mix > 0:
         cfg = run.cfg
         for name, net in (("online", run.net), ("momentum", run.momentum_net)):
-            z = F.normalize(feats(nn.Sequential(net.encoder, net.projector), run.exemplar_images), dim=1)
+            z = F.normalize(feats(nn.Sequential(net.encoder, net.projector), run.exemplar_images), dim=1).to(run.bank.feats.dtype)
             nbr = build_prototypes(z, run.bank.feats, run.bank.valid(), cfg.k, cfg.alpha, cfg.tau_w)[1]
             report[f"nbr_precision_{name}"] = neighbour_precision(nbr, run.bank, run.labels).item()
     return report
