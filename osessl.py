@@ -736,9 +736,10 @@ def augment_views(run, images, rnd):
 
 def objective(run, x1, x2, ids, rnd):
     """L for this process's weak and strong views (B, 3, H, W); ids: global sample ids (B_g,).
-    Reads the memory bank and changes no state but BatchNorm's running statistics, so that --compile
-    can make it one graph (both networks, Sinkhorn, prototypes, every loss term; tested). Returns L, its terms
-    (detached) and the momentum weak-view embeddings of the global batch, the bank's next entries."""
+    Reads the memory bank and changes no state but BatchNorm's running statistics, so that
+    --compile can make it one graph (both networks, Sinkhorn, prototypes, every loss term; tested).
+    Returns L, its terms (detached) and the momentum weak-view embeddings of the global batch, the
+    bank's next entries."""
     cfg, B, Bg = run.cfg, x1.shape[0], ids.shape[0]
     rows = slice(run.rank * B, (run.rank + 1) * B)
     use_exemplars = cfg.lambda_proto > 0 or cfg.mu_mix > 0
