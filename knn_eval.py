@@ -188,7 +188,7 @@ def main(argv=None):
     p.add_argument("--linear", action="store_true", help="also train a linear probe on the frozen features")
     p.add_argument("--device", default="", help="cuda | cpu (default: cuda when available)")
     p.add_argument("--summarize", nargs="+", metavar="RUN_DIR", help="print the results table of these run directories")
-    p.add_argument("--plot", default="", help="with --summarize: write a PNG of 5-NN accuracy against epoch")
+    p.add_argument("--plot", default="", help="with --summarize: write a PNG of 5-NN accuracy, neighbour precision and assignment entropies against epoch")
     args = p.parse_args(argv)
     try:
         if args.summarize:
