@@ -46,6 +46,11 @@ def extract_features(encoder, images, mean, std, to_net=lambda x: x, batch_size=
     return torch.cat(out)
 
 
+def embed(net, images, mean, std, to_net=lambda x: x):
+    """z = norm(g(f(x))) of uint8 images through a Network's encoder and projector, as extract_features."""
+    return F.normalize(extract_features(torch.nn.Sequential(net.encoder, net.projector), images, mean, std, to_net), dim=1)
+
+
 def _neighbours(train_f, test_f, k, cosine, chunk=1024):
     """Indices (N_test, k) of the k nearest training features, and their cosine similarities."""
     idx, sims = [], []
@@ -221,8 +226,7 @@ def main(argv=None):
         res = knn_report(train_f, train_y, test_f, test_y, num_classes)
         if args.linear:
             res["linear"] = linear_probe(train_f, train_y, test_f, test_y, num_classes)
-        embed = torch.nn.Sequential(net.encoder, net.projector)
-        test_z, ex_z = (F.normalize(feats(embed, x), dim=1) for x in (test_x, exemplar_x))
+        test_z, ex_z = (embed(net, x.to(device), mean, std) for x in (test_x, exemplar_x))
         bank = osessl.MemoryBank(cfg.bank_size, cfg.proj_dim, device)
         bank.load_state_dict(ck["bank"])
         protos = osessl.build_prototypes(ex_z, bank.feats, bank.valid(), cfg.k, cfg.alpha, cfg.tau_w)[0]

@@ -104,6 +104,11 @@ class Config:
     benchmark_steps: int = opt(20, "timed steps per repeat of --benchmark (5 repeats, median reported, after 5 warm-up steps)")
     float64: bool = opt(False, "CPU only: compute in float64 (tests use it to tell real differences from float32 roundoff)")
 
+    @property
+    def uses_exemplars(self):
+        """False for plain ReSA (lambda = mu = 0): exemplars are then not even forwarded."""
+        return self.lambda_proto > 0 or self.mu_mix > 0
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block
@@ -742,13 +747,12 @@ def objective(run, x1, x2, ids, rnd):
     bank's next entries."""
     cfg, B, Bg = run.cfg, x1.shape[0], ids.shape[0]
     rows = slice(run.rank * B, (run.rank + 1) * B)
-    use_exemplars = cfg.lambda_proto > 0 or cfg.mu_mix > 0
     views = [x1, x2]
     if cfg.mu_mix > 0:
         beta, partner = rnd.beta[rows], rnd.partner[rows]
         b = beta.view(-1, 1, 1, 1)
         views.append(b * x1 + (1 - b) * gather(x2)[partner])
-    if use_exemplars:
+    if cfg.uses_exemplars:
         views.append(run.to_net(augment(run.exemplar_images, rnd.exemplar, run.mean, run.std, strong=False)))
 
     with torch.no_grad(), run.autocast():
@@ -760,7 +764,7 @@ def objective(run, x1, x2, ids, rnd):
         A = sinkhorn(F.normalize(h1, dim=-1) @ F.normalize(h1m, dim=-1).T, cfg.sinkhorn_eps, cfg.sinkhorn_iters)
     losses = {"resa": resa_loss(z[0], z[1], z1m, z2m, A, cfg.resa_temp)}
     loss = losses["resa"]
-    if use_exemplars:
+    if cfg.uses_exemplars:
         valid = run.bank.valid()
         protos, nbr, _ = build_prototypes(z[-1], run.bank.feats, valid, cfg.k, cfg.alpha, cfg.tau_w)
         with torch.no_grad():  # teacher assignments p'_v of the global batch against sg(c)
@@ -791,7 +795,7 @@ def training_step(run, x1, x2, ids, rnd, lr, m):
     loss.backward()
     run.opt.step()
     ema_update(run.momentum_net, run.net, m)
-    if run.cfg.lambda_proto > 0 or run.cfg.mu_mix > 0:
+    if run.cfg.uses_exemplars:
         run.bank.enqueue(z1m, ids)
     return losses
 
@@ -819,13 +823,12 @@ def evaluate(run, eval_mem_x, eval_mem_y, test_x, test_y):
     neighbour precision that the current bank gives to the un-augmented exemplars embedded by the
     online network (which training uses) and by the momentum network (which fills the bank): a
     diagnostic of how well the two embeddings agree."""
-    feats = lambda net, x: knn_eval.extract_features(net, x, run.mean, run.std, run.to_net)
-    encoder = run.momentum_net.encoder
-    report = knn_eval.knn_report(feats(encoder, eval_mem_x), eval_mem_y, feats(encoder, test_x), test_y, run.num_classes)
-    if run.cfg.lambda_proto > 0 or run.cfg.mu_mix > 0:
+    feats = lambda x: knn_eval.extract_features(run.momentum_net.encoder, x, run.mean, run.std, run.to_net)
+    report = knn_eval.knn_report(feats(eval_mem_x), eval_mem_y, feats(test_x), test_y, run.num_classes)
+    if run.cfg.uses_exemplars:
         cfg = run.cfg
         for name, net in (("online", run.net), ("momentum", run.momentum_net)):
-            z = F.normalize(feats(nn.Sequential(net.encoder, net.projector), run.exemplar_images), dim=1).to(run.bank.feats.dtype)
+            z = knn_eval.embed(net, run.exemplar_images, run.mean, run.std, run.to_net).to(run.bank.feats.dtype)
             nbr = build_prototypes(z, run.bank.feats, run.bank.valid(), cfg.k, cfg.alpha, cfg.tau_w)[1]
             report[f"nbr_precision_{name}"] = neighbour_precision(nbr, run.bank, run.labels).item()
     return report
@@ -913,7 +916,7 @@ def train(cfg, rank=0, world=1, device=None):
         raise UsageError(f"global batch {Bg} exceeds --bank-size {cfg.bank_size}: enlarge the bank or lower --batch-size")
     if num_classes < 2:
         raise UsageError("the dataset has fewer than 2 classes: the discriminative score needs at least 2")
-    method = "osessl" if (cfg.lambda_proto > 0 or cfg.mu_mix > 0) else "resa"
+    method = "osessl" if cfg.uses_exemplars else "resa"
     out = prepare_run_dir(cfg, method)
 
     # Images live on the device; the only label tensor the step sees feeds a logged diagnostic.

@@ -676,29 +676,31 @@ def test_notebook_executes_in_fast_mode(name, monkeypatch):
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 4
 
 
-def test_bf16_autocast_and_channels_last_path_on_cpu():
-    """The GPU settings (bf16 autocast, channels_last), emulated on the CPU: the step runs, the
-    networks' outputs are cast back so that losses, targets and bank stay float32 and finite."""
-    cfg = O.parse_config(TINY + SMALL)
-    tx, ty, _, _, C = O.load_data(cfg)
-    run = O.build_run(cfg, 0, 1, torch.device("cpu"), tx, ty, O.select_exemplars(cfg, ty, C), C)
-    run.autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
-    run.net.to(memory_format=torch.channels_last)
-    run.momentum_net.to(memory_format=torch.channels_last)
-    run.to_net = lambda x: x.contiguous(memory_format=torch.channels_last)
-    for step in range(3):
-        ids = torch.arange(step * 32, step * 32 + 32)
-        rnd = O.step_randomness(0, step, 32, C, 1.0, torch.device("cpu"))
-        losses = O.training_step(run, *O.augment_views(run, tx[ids], rnd), ids, rnd, 0.01, 0.996)
-        assert all(v.dtype == torch.float32 and v.isfinite() for v in losses.values())
-    assert run.bank.feats.dtype == torch.float32 and int(run.bank.filled) == 96
-
-
 def tiny_run(*extra):
     cfg = O.parse_config(TINY + SMALL + list(extra))
     tx, ty, _, _, C = O.load_data(cfg)
     torch.manual_seed(cfg.seed)
     return O.build_run(cfg, 0, 1, torch.device("cpu"), tx, ty, O.select_exemplars(cfg, ty, C), C), tx, C
+
+
+def tiny_step(run, tx, C, ids, step, lr=0.05, m=0.99):
+    """One training step of a tiny_run on images ids, with step `step`'s random draws."""
+    rnd = O.step_randomness(0, step, len(ids), C, 1.0, torch.device("cpu"))
+    return O.training_step(run, *run.augment(run, tx[ids], rnd), ids, rnd, lr, m)
+
+
+def test_bf16_autocast_and_channels_last_path_on_cpu():
+    """The GPU settings (bf16 autocast, channels_last), emulated on the CPU: the step runs, the
+    networks' outputs are cast back so that losses, targets and bank stay float32 and finite."""
+    run, tx, C = tiny_run()
+    run.autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    run.net.to(memory_format=torch.channels_last)
+    run.momentum_net.to(memory_format=torch.channels_last)
+    run.to_net = lambda x: x.contiguous(memory_format=torch.channels_last)
+    for step in range(3):
+        losses = tiny_step(run, tx, C, torch.arange(step * 32, step * 32 + 32), step, 0.01, 0.996)
+        assert all(v.dtype == torch.float32 and v.isfinite() for v in losses.values())
+    assert run.bank.feats.dtype == torch.float32 and int(run.bank.filled) == 96
 
 
 def test_compile_makes_the_whole_objective_one_graph_compiled_once():
@@ -715,11 +717,8 @@ def test_compile_makes_the_whole_objective_one_graph_compiled_once():
     compiled.objective = torch.compile(O.objective, backend=counters["objective"], fullgraph=True)
     compiled.augment = torch.compile(O.augment_views, backend=counters["augment"], fullgraph=True)
     for step in range(5):
-        ids = torch.arange(step * 16, step * 16 + 32) % 90
-        rnd = O.step_randomness(0, step, 32, C, 1.0, torch.device("cpu"))
-        lr, m = 0.05 * (step + 1), 0.99 + 0.001 * step
-        a = O.training_step(eager, *eager.augment(eager, tx[ids], rnd), ids, rnd, lr, m)
-        b = O.training_step(compiled, *compiled.augment(compiled, tx[ids], rnd), ids, rnd, lr, m)
+        ids, lr, m = torch.arange(step * 16, step * 16 + 32) % 90, 0.05 * (step + 1), 0.99 + 0.001 * step
+        a, b = (tiny_step(run, tx, C, ids, step, lr, m) for run in (eager, compiled))
         assert a.keys() == b.keys() and {"align", "disp", "mix_proto", "mix_ins"} <= set(a)
         for k in a:
             assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), (step, k, a[k], b[k])
@@ -754,15 +753,9 @@ def test_a_training_step_never_waits_for_the_device():
     tensor value, host-to-device torch.tensor or boolean-mask index stalls the launch queue. Every
     such call raises (HostSync) while the step's randomness, augmentation and training_step run."""
     run, tx, C = tiny_run()
-    cpu = torch.device("cpu")
-
-    def step(i):
-        ids = torch.arange(i * 32, i * 32 + 32) % 90
-        rnd = O.step_randomness(0, i, 32, C, 1.0, cpu)
-        return O.training_step(run, *run.augment(run, tx[ids], rnd), ids, rnd, 0.05, 0.99)
     with HostSync():
         for i in range(4):
-            losses = step(i)
+            losses = tiny_step(run, tx, C, torch.arange(i * 32, i * 32 + 32) % 90, i)
     assert set(losses) >= {"loss", "resa", "align", "disp", "mix_proto", "mix_ins", "nbr_precision"}
     assert int(run.bank.filled) == 128
     with pytest.raises(AssertionError, match="torch nonzero"), HostSync():  # the detector itself works
@@ -780,9 +773,7 @@ def test_inductor_compiled_step_matches_eager_in_float64():
         compiled, _, _ = tiny_run("--compile")
         for step in range(6):
             ids = torch.arange(step * 16, step * 16 + 32) % 90
-            rnd = O.step_randomness(0, step, 32, C, 1.0, torch.device("cpu"))
-            a = O.training_step(eager, *eager.augment(eager, tx[ids], rnd), ids, rnd, 0.05, 0.99)
-            b = O.training_step(compiled, *compiled.augment(compiled, tx[ids], rnd), ids, rnd, 0.05, 0.99)
+            a, b = (tiny_step(run, tx, C, ids, step) for run in (eager, compiled))
             for k in a:
                 assert torch.allclose(a[k], b[k], rtol=1e-8, atol=1e-9), (step, k)
         for (k, v), w in zip(eager.net.state_dict().items(), compiled.net.state_dict().values()):
