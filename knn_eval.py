@@ -125,17 +125,20 @@ def summarize(run_dirs, plot=None):
     import json
     import os
     import statistics
-    from osessl import dataset_name
     runs = []
+    from osessl import UsageError, dataset_name
     for d in run_dirs:
-        cfg = json.load(open(os.path.join(d, "config.json")))
-        rows = [json.loads(line) for line in open(os.path.join(d, "metrics.jsonl"))]
-        final = {k: v for r in rows for k, v in r.items() if k in PROTOCOLS}  # latest value of each
-        if os.path.exists(os.path.join(d, "eval.json")):
-            final.update(json.load(open(os.path.join(d, "eval.json"))))
-        arm = "ReSA" if cfg["lambda_proto"] == 0 and cfg["mu_mix"] == 0 else "OSESSL"
-        runs.append(dict(dir=d, arm=arm, seed=cfg["exemplar_seed"], dataset=dataset_name(cfg["dataset"], cfg["data_dir"]), epochs=rows[-1]["epoch"],
-                         final=final, rows=rows, classes=cfg["num_classes"]))
+        try:  # JSON only: nothing read here can run code; a malformed file is one line, not a traceback
+            cfg = json.load(open(os.path.join(d, "config.json")))
+            rows = [json.loads(line) for line in open(os.path.join(d, "metrics.jsonl"))]
+            final = {k: v for r in rows for k, v in r.items() if k in PROTOCOLS}  # latest value of each
+            if os.path.exists(os.path.join(d, "eval.json")):
+                final.update(json.load(open(os.path.join(d, "eval.json"))))
+            arm = "ReSA" if cfg["lambda_proto"] == 0 and cfg["mu_mix"] == 0 else "OSESSL"
+            runs.append(dict(dir=d, arm=arm, seed=cfg["exemplar_seed"], dataset=dataset_name(cfg["dataset"], cfg["data_dir"]),
+                             epochs=rows[-1]["epoch"], final=final, rows=rows, classes=cfg["num_classes"]))
+        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+            raise UsageError(f"{d}: not a run directory written by osessl.py ({type(e).__name__}: {e})") from None
     print(f"{'dataset':<12} {'epochs':>6} {'protocol':<62} {'ReSA':>7} {'OSESSL (mean +- sd, seeds)':>30} {'gain':>6}")
     for key in sorted({(r["dataset"], r["epochs"]) for r in runs}):
         group = [r for r in runs if (r["dataset"], r["epochs"]) == key]
@@ -210,7 +213,7 @@ def main(argv=None):
         cfg.data_dir = args.data_dir or cfg.data_dir
         cfg.train_limit, cfg.test_limit = args.train_limit, args.test_limit
         train_x, train_y, test_x, test_y, num_classes = osessl.load_data(cfg)
-        ck = osessl.load_checkpoint(cfg, num_classes, ck)
+        ck = osessl.load_checkpoint(cfg, train_y, num_classes, ck)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         mean, std = (t.to(device) for t in osessl.channel_stats(train_x))
         exemplar_x = train_x[ck["exemplars"]]

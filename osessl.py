@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -211,12 +212,14 @@ def load_imagefolder_split(root, split):
     classes, files = _list_split(root, split)
     key = hashlib.sha1(json.dumps([(os.path.relpath(p, root), os.path.getsize(p)) for p, _ in files]).encode()).hexdigest()
     cache = os.path.join(root, f".osessl-cache-{split}.pt")
-    try:
-        c = torch.load(cache)
-        if c.get("key") == key:
-            return c["x"], c["y"], classes
+    labels = torch.tensor([c for _, c in files])
+    try:  # tensors and plain data only: a crafted cache cannot run code, a wrong one is decoded anew
+        c = torch.load(cache, weights_only=True)
+        x = c["x"]
+        if c["key"] == key and x.dtype == torch.uint8 and x.dim() == 4 and x.shape[:2] == (len(files), 3) and torch.equal(c["y"], labels):
+            return x, labels, classes
     except Exception:
-        pass  # no cache yet, or an unreadable one: decode (and rewrite it)
+        pass  # no cache yet, or an unreadable or foreign one: decode (and rewrite it)
     images = []
     for path, _ in files:
         try:
@@ -227,7 +230,7 @@ def load_imagefolder_split(root, split):
         if images and img.shape != images[0].shape:
             raise UsageError(f"image {path} is {tuple(img.shape[1:])}, others are {tuple(images[0].shape[1:])}: all images must share one size")
         images.append(img)
-    x, y = torch.stack(images), torch.tensor([c for _, c in files])
+    x, y = torch.stack(images), labels
     tmp = f"{cache}.{os.getpid()}.tmp"  # several runs may start at once on the same data
     try:
         torch.save({"key": key, "x": x, "y": y}, tmp)
@@ -851,26 +854,99 @@ def prepare_run_dir(cfg, method):
 
 
 def read_checkpoint(path):
-    """Load an osessl checkpoint, refusing anything else with a UsageError."""
+    """Load an osessl checkpoint as tensors and plain data only (weights_only: a crafted file can
+    never run code here), then check its shape; anything else is refused with a UsageError."""
     if not os.path.isfile(path):
-        raise UsageError(f"--resume {path}: no such file")
+        raise UsageError(f"checkpoint {path}: no such file")
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+        ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UsageError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
-    if not isinstance(ck, dict) or "format" not in ck:
-        raise UsageError(f"{path} is not an osessl checkpoint")
-    if ck["format"] > CHECKPOINT_FORMAT:
-        raise UsageError(f"{path} has format {ck['format']}, newer than this osessl.py ({CHECKPOINT_FORMAT}): update osessl.py")
+        code = re.search(r"GLOBAL ([\w.]+)", str(e))  # the object pickle would have to call
+        why = f"it holds a Python object ({code[1]}) that only running code could rebuild" if code else type(e).__name__
+        raise UsageError(f"{path} is not a readable checkpoint ({why}); osessl loads tensors and plain data only") from None
+    check_checkpoint(ck, path)
     return ck
 
 
-def load_checkpoint(cfg, num_classes, ck=None):
+# what resuming, knn_eval.py and the notebooks read from a checkpoint, and its type
+CHECKPOINT_KEYS = dict(config=dict, num_classes=int, step=int, epoch=int, net=dict, momentum=dict, opt=dict, bank=dict,
+                       exemplars=torch.Tensor, sums=dict, rng=torch.Tensor)
+LATER_SETTINGS = ()  # Config fields added after format 1: older checkpoints take their (old-behaviour) defaults
+
+
+def check_checkpoint(ck, path):
+    """Refuse, with one line, any loaded object that is not an osessl checkpoint this code can use."""
+    def bad(what):
+        raise UsageError(f"{path} is not a usable osessl checkpoint: {what}")
+    if not isinstance(ck, dict) or not isinstance(ck.get("format"), int):
+        raise UsageError(f"{path} is not an osessl checkpoint")
+    if ck["format"] > CHECKPOINT_FORMAT:
+        raise UsageError(f"{path} has format {ck['format']}, newer than this osessl.py ({CHECKPOINT_FORMAT}): update osessl.py")
+    is_a = lambda v, t: isinstance(v, t) and not (isinstance(v, bool) and t is not bool)
+    for key, kind in CHECKPOINT_KEYS.items():
+        if key not in ck:
+            bad(f"it has no {key!r}")
+        if not is_a(ck[key], kind):
+            bad(f"its {key!r} is a {type(ck[key]).__name__}, not a {kind.__name__}")
+    types = {f.name: type(f.default) for f in fields(Config)}
+    config = ck["config"]
+    for k, v in config.items():
+        if k not in types:
+            bad(f"its config has an unknown setting {k!r}")
+        if not (is_a(v, types[k]) or types[k] is float and is_a(v, int)):
+            bad(f"its config setting {k!r} is {v!r}, not a {types[k].__name__}")
+    missing = sorted(set(types) - set(config) - set(LATER_SETTINGS))
+    if missing:
+        bad(f"its config lacks {missing[0]!r}")
+    cfg = Config(**config)
+    try:
+        check_config(cfg)
+    except UsageError as e:
+        bad(f"its config: {e}")
+    if ck["num_classes"] < 2 or ck["step"] < 0 or ck["epoch"] < 0:
+        bad(f"num_classes {ck['num_classes']}, step {ck['step']}, epoch {ck['epoch']}")
+    with torch.device("meta"):  # the networks its config describes, without allocating them
+        ref = Network(cfg.width, cfg.proj_hidden, cfg.proj_dim)
+    shapes = {k: v.shape for k, v in ref.state_dict().items()}
+    for part in ("net", "momentum"):
+        got = {k: getattr(v, "shape", None) for k, v in ck[part].items()}
+        if got != shapes:
+            diff = sorted(set(got) ^ set(shapes)) or [k for k in shapes if got[k] != shapes[k]]
+            bad(f"its {part!r} is not the network of its config (--width {cfg.width}, --proj-hidden {cfg.proj_hidden}, "
+                f"--proj-dim {cfg.proj_dim}): {diff[0]!r} differs")
+    params = [p.shape for p in ref.parameters()]
+    state, groups = ck["opt"].get("state"), ck["opt"].get("param_groups")
+    if not (isinstance(state, dict) and isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], dict)
+            and groups[0].get("params") == list(range(len(params)))
+            and all(is_a(i, int) and 0 <= i < len(params) and isinstance(s, dict)
+                    and getattr(s.get("momentum_buffer"), "shape", None) == params[i] for i, s in state.items())):
+        bad("its 'opt' is not the SGD state of its network")
+    bank, K, d = ck["bank"], cfg.bank_size, cfg.proj_dim
+    want = dict(feats=(K, d), ids=(K,), ptr=(), filled=())
+    if set(bank) != set(want) or not all(is_a(bank[k], torch.Tensor) and tuple(bank[k].shape) == s for k, s in want.items()) \
+            or not bank["feats"].is_floating_point() or {bank[k].dtype for k in ("ids", "ptr", "filled")} != {torch.long} \
+            or not 0 <= bank["ptr"] < K or not 0 <= bank["filled"] <= K:
+        bad(f"its 'bank' is not a memory bank of {K} x {d} (--bank-size, --proj-dim)")
+    ex = ck["exemplars"]
+    if ex.dtype != torch.long or tuple(ex.shape) != (ck["num_classes"],):
+        bad(f"its 'exemplars' are not {ck['num_classes']} training indices, one per class")
+    if not all(isinstance(k, str) and is_a(v, torch.Tensor) and v.numel() == 1 for k, v in ck["sums"].items()):
+        bad("its 'sums' are not the running sums of the loss terms")
+    if ck["rng"].dtype != torch.uint8 or ck["rng"].shape != torch.get_rng_state().shape:
+        bad("its 'rng' is not a CPU random generator state")
+
+
+def load_checkpoint(cfg, train_y, num_classes, ck=None):
     """Read cfg.resume (unless already read) and refuse it if it was trained on other data."""
     ck = ck or read_checkpoint(cfg.resume)
     if ck["config"]["dataset"] != cfg.dataset or ck["num_classes"] != num_classes:
         raise UsageError(f"{cfg.resume} was trained on {ck['config']['dataset']} with {ck['num_classes']} classes, "
                          f"not {cfg.dataset} with {num_classes}: pass the matching --dataset/--data-dir")
+    ex, ids = ck["exemplars"], ck["bank"]["ids"]
+    if not (0 <= ex.min() and ex.max() < len(train_y) and ids.min() >= -1 and ids.max() < len(train_y)
+            and torch.equal(train_y[ex], torch.arange(num_classes))):
+        raise UsageError(f"{cfg.resume}: its exemplars and memory bank do not index one image per class of these "
+                         f"{len(train_y)} training images: pass the --data-dir it was trained on")
     return ck
 
 
@@ -905,7 +981,7 @@ def train(cfg, rank=0, world=1, device=None):
     device = device or torch.device("cpu")
     torch.manual_seed(cfg.seed)
     train_x, train_y, test_x, test_y, num_classes = load_data(cfg)
-    ck = load_checkpoint(cfg, num_classes) if cfg.resume else None
+    ck = load_checkpoint(cfg, train_y, num_classes) if cfg.resume else None
     ex_idx = ck["exemplars"] if ck is not None else select_exemplars(cfg, train_y, num_classes)
     u_idx = unlabeled_indices(cfg, len(train_x), ex_idx)
     Bg = cfg.batch_size * world

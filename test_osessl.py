@@ -267,7 +267,7 @@ def test_resnet18_matches_torchvision():
 
 # ---------------- training ----------------
 def params_of(run_dir):
-    ck = torch.load(os.path.join(run_dir, "last.pt"), weights_only=False)
+    ck = torch.load(os.path.join(run_dir, "last.pt"), weights_only=True)
     return ck["net"], ck["momentum"]
 
 
@@ -408,7 +408,7 @@ def test_two_process_torchrun_matches_one_process(tmp_path, compile_):
     for a, b in zip(rows(one), rows(ddp)):
         for k in ("loss", "resa", "align", "disp", "mix_proto", "mix_ins", "nbr_precision", "knn5"):
             assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), k
-    ca, cb = (torch.load(os.path.join(d, "last.pt"), weights_only=False) for d in (one, ddp))
+    ca, cb = (torch.load(os.path.join(d, "last.pt"), weights_only=True) for d in (one, ddp))
     for part in ("net", "momentum"):
         for k, v in ca[part].items():
             if part == "net" and "running_var" in k:
@@ -427,7 +427,7 @@ def metrics(run_dir):
 
 
 def assert_same_state(a, b):
-    ca, cb = (torch.load(os.path.join(d, "last.pt"), weights_only=False) for d in (a, b))
+    ca, cb = (torch.load(os.path.join(d, "last.pt"), weights_only=True) for d in (a, b))
     for part in ("net", "momentum"):
         for k, v in ca[part].items():
             assert torch.equal(v, cb[part][k]), (part, k)
@@ -469,11 +469,11 @@ def test_sigterm_saves_a_resumable_checkpoint(tmp_path):
     _, err = p.communicate(timeout=120)
     assert p.returncode == 128 + signal.SIGTERM
     assert "--resume" in err and "Traceback" not in err
-    ck = torch.load(out / "last.pt", weights_only=False)
+    ck = torch.load(out / "last.pt", weights_only=True)
     assert ck["step"] > 0
     r = run_cli("--resume", str(out / "last.pt"), "--max-steps", str(ck["step"] + 1))
     assert r.returncode == 0, r.stderr
-    assert torch.load(out / "last.pt", weights_only=False)["step"] == ck["step"] + 1
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == ck["step"] + 1
 
 
 def test_checkpoint_write_is_atomic(tmp_path):
@@ -481,7 +481,7 @@ def test_checkpoint_write_is_atomic(tmp_path):
     O.save_checkpoint(path, {"format": 1, "good": True})
     with pytest.raises(Exception):
         O.save_checkpoint(path, {"format": 1, "unpicklable": lambda: 0})  # crashes while writing
-    assert torch.load(path, weights_only=False)["good"]
+    assert torch.load(path, weights_only=True)["good"]
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
@@ -495,7 +495,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     with pytest.raises(O.Interrupted, match=r"non-finite loss at step 4 \(disp, loss\)") as e:
         O.train(cfg)
     assert e.value.code == 3
-    assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["step"] == 4  # end of epoch 2, intact
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 4  # end of epoch 2, intact
     assert len(metrics(tmp_path / "run")) == 2
 
 
@@ -593,6 +593,88 @@ def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys):
     # and through the real command line: no traceback, exit 2
     r = run_cli("--dataset", "imagefolder", "--data-dir", str(tmp_path / "corrupt"))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+class CreatesAFile:
+    """Pickles into a call of open(path, "w"): loading it with pickle would create the file."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def one_line_exit_2(fn, argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        fn(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error:"), (argv, err)
+    return err
+
+
+def test_a_crafted_checkpoint_never_runs_code(tmp_path):
+    """Checkpoints are read with weights_only: a pickle that would run code is refused in one line by
+    --resume and by knn_eval.py, and the code does not run."""
+    marker, evil = tmp_path / "pwned", tmp_path / "evil.pt"
+    torch.save({"format": 1, "config": CreatesAFile(marker)}, evil)
+    for args, script in ((["--resume", str(evil)], "osessl.py"), (["--checkpoint", str(evil)], "knn_eval.py")):
+        r = run_cli(*args, script=script)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+        assert "not a readable checkpoint" in r.stderr and "only running code could rebuild" in r.stderr
+        assert not marker.exists(), script
+    assert sorted(os.listdir(tmp_path)) == ["evil.pt"]  # nothing written beside it
+
+
+def test_malformed_checkpoints_are_refused_in_one_line(tmp_path, capsys):
+    good = O.train(O.parse_config(TINY + SMALL + ["--max-steps", "1", "--out", str(tmp_path / "good")]))
+    ck = torch.load(os.path.join(good, "last.pt"), weights_only=True)
+    net_wider = O.Network(16, 64, 32).state_dict()
+    cases = {
+        "no config": ({k: v for k, v in ck.items() if k != "config"}, "has no 'config'"),
+        "config is a string": (dict(ck, config="--width 8"), "'config' is a str, not a dict"),
+        "config of wrong types": (dict(ck, config=dict(ck["config"], width="8")), "setting 'width' is '8', not a int"),
+        "unknown setting": (dict(ck, config=dict(ck["config"], colour="red")), "unknown setting 'colour'"),
+        "bad setting": (dict(ck, config=dict(ck["config"], tau_s=-1.0)), "--tau-s must be positive"),
+        "no num_classes": ({k: v for k, v in ck.items() if k != "num_classes"}, "has no 'num_classes'"),
+        "no networks": ({k: v for k, v in ck.items() if k not in ("net", "momentum")}, "has no 'net'"),
+        "no momentum network": ({k: v for k, v in ck.items() if k != "momentum"}, "has no 'momentum'"),
+        "other network": (dict(ck, momentum=net_wider), "'momentum' is not the network of its config"),
+        "network missing a layer": (dict(ck, net={k: v for k, v in ck["net"].items() if "layer4" not in k}), "'net' is not"),
+        "bank of other size": (dict(ck, bank=dict(ck["bank"], feats=torch.zeros(5, 32))), "'bank' is not a memory bank"),
+        "exemplars of other count": (dict(ck, exemplars=ck["exemplars"][:3]), "'exemplars' are not 10 training indices"),
+        "exemplars out of range": (dict(ck, exemplars=ck["exemplars"] + 10 ** 6), "do not index one image per class"),
+        "optimiser of another network": (dict(ck, opt=dict(ck["opt"], state={0: {"momentum_buffer": torch.zeros(3)}})),
+                                         "'opt' is not the SGD state"),
+        "no rng": ({k: v for k, v in ck.items() if k != "rng"}, "has no 'rng'"),
+        "not a dict": ([1, 2, 3], "is not an osessl checkpoint"),
+    }
+    for name, (obj, message) in cases.items():
+        path = tmp_path / "bad" / "last.pt"
+        path.parent.mkdir(exist_ok=True)
+        torch.save(obj, path)
+        before = sorted(os.listdir(path.parent)), path.read_bytes()
+        import re
+        for fn, argv in ((O.main, ["--resume", str(path)]), (knn_eval.main, ["--checkpoint", str(path)])):
+            err = one_line_exit_2(fn, argv, capsys)
+            assert re.search(message, err) or message in err, (name, err)
+            assert (sorted(os.listdir(path.parent)), path.read_bytes()) == before, name  # nothing written
+    # the good one still resumes
+    O.train(O.parse_config(["--resume", os.path.join(good, "last.pt"), "--max-steps", "2"]))
+
+
+def test_a_crafted_cache_is_decoded_anew_not_run(tmp_path):
+    write_imagefolder(tmp_path)
+    x, y, _ = O.load_imagefolder_split(str(tmp_path), "train")
+    cache, marker = tmp_path / ".osessl-cache-train.pt", tmp_path / "pwned"
+    key = torch.load(cache, weights_only=True)["key"]
+    for crafted in ({"key": key, "x": CreatesAFile(marker), "y": y},  # code
+                    {"key": key, "x": x[:3], "y": y},  # the right key, the wrong images
+                    {"key": key, "x": x.float(), "y": y}, [x, y]):
+        torch.save(crafted, cache)
+        x2, y2, _ = O.load_imagefolder_split(str(tmp_path), "train")
+        assert torch.equal(x2, x) and torch.equal(y2, y) and not marker.exists()
+        assert torch.equal(torch.load(cache, weights_only=True)["x"], x)  # rewritten
 
 
 def test_offline_cifar_download_fails_clearly(tmp_path, monkeypatch):
