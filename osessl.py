@@ -63,6 +63,11 @@ class Config:
     exemplar_seed: int = opt(0, "seed that draws the one labeled exemplar per class")
     exemplars: str = opt("", "JSON file with a list of training indices, one per class (overrides --exemplar-seed)")
     keep_exemplars_in_unlabeled: bool = opt(False, "paper silent; our default removes the exemplars from D_u")
+    exemplar_select: str = opt("online", "paper silent: which network's exemplar embedding scores the bank (discriminative "
+                               "score, top-k): online (z_l) | momentum (the network that fills the bank); members and "
+                               "weights stay online")
+    exemplar_bn: str = opt("alone", "paper silent: the exemplars are forwarded as their own BatchNorm batch (alone) or in "
+                           "one batch with the weak views (joint)")
     # networks
     width: int = opt(64, "ResNet-18 base width (64 = the real ResNet-18; tests use 8 or 16 to run fast)")
     proj_hidden: int = opt(2048, "projector hidden size")
@@ -161,6 +166,10 @@ def check_config(cfg: Config):
         raise UsageError(f"--k {cfg.k} is larger than the memory bank (--bank-size {cfg.bank_size}): lower k or enlarge the bank")
     if not 0 <= cfg.alpha <= 1:
         raise UsageError(f"--alpha must lie in [0, 1], got {cfg.alpha}")
+    for flag, value, choices in (("exemplar-select", cfg.exemplar_select, ("online", "momentum")),
+                                 ("exemplar-bn", cfg.exemplar_bn, ("alone", "joint"))):
+        if value not in choices:
+            raise UsageError(f"unknown --{flag} {value!r}: use {' or '.join(choices)}")
     if cfg.dispersion not in ("mean", "logsumexp"):
         raise UsageError(f"unknown --dispersion {cfg.dispersion!r}: use mean or logsumexp")
     if cfg.compile_mode not in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
@@ -525,6 +534,15 @@ class Network(nn.Module):
         return full(hs[0]), [F.normalize(full(self.projector(h)), dim=-1) for h in hs]
 
 
+def differentiable_sum(x):
+    """Sum of x over processes whose backward sums the gradients too (each process's gradient then
+    reaches whatever it contributed)."""
+    from torch.distributed.nn.functional import all_reduce
+    with warnings.catch_warnings():  # torch 2.14 deprecates it for a private module; 2.11 has only this
+        warnings.simplefilter("ignore", FutureWarning)
+        return all_reduce(x)
+
+
 class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """SyncBatchNorm for CPU processes (gloo): torch's SyncBatchNorm runs on GPUs only. Batch
     statistics are summed over processes with a differentiable all-reduce."""
@@ -535,12 +553,9 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x):
         if not (self.training and dist.is_initialized()):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
         dims = [0] + list(range(2, x.dim()))
         n = torch.tensor(float(x.numel() // x.shape[1]))
-        with warnings.catch_warnings():  # torch 2.14 deprecates it for a private module; 2.11 has only this
-            warnings.simplefilter("ignore", FutureWarning)
-            stats = all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), n.view(1)]))
+        stats = differentiable_sum(torch.cat([x.sum(dims), (x * x).sum(dims), n.view(1)]))
         c = x.shape[1]
         total = stats[-1]
         mean = stats[:c] / total
@@ -651,12 +666,15 @@ def discriminative_scores(bank, exemplars, alpha=0.75):
     return alpha * sim - (1 - alpha) * other
 
 
-def build_prototypes(exemplars, bank, valid, k=8, alpha=0.75, tau_w=1.0):
+def build_prototypes(exemplars, bank, valid, k=8, alpha=0.75, tau_w=1.0, select_by=None):
     """Prototype c^c = norm(sum_j pi^(c,j) q^(c,j)) over P^c = {z_l^c} U top-k bank entries by s(c, .).
     exemplars: (C, d) online exemplar embeddings (with gradient); bank: (K, d) (no gradient);
-    valid: (K,) bool, filled slots. Returns prototypes (C, d), neighbour indices (C, k) and soft
-    weights (C, k + 1), column 0 being the exemplar's. Slots not yet filled get weight 0."""
-    scores = discriminative_scores(bank, exemplars.detach(), alpha).masked_fill(~valid[None], float("-inf"))
+    valid: (K,) bool, filled slots; select_by: (C, d) other exemplar embeddings that score the bank
+    instead (--exemplar-select momentum), used for the choice only. Returns prototypes (C, d),
+    neighbour indices (C, k) and soft weights (C, k + 1), column 0 being the exemplar's. Slots not
+    yet filled get weight 0."""
+    key = exemplars if select_by is None else select_by
+    scores = discriminative_scores(bank, key.detach(), alpha).masked_fill(~valid[None], float("-inf"))
     top, idx = scores.topk(k, dim=1)                           # a discrete choice: no gradient
     members = torch.cat([exemplars[:, None], bank[idx]], 1)    # (C, k + 1, d)
     logits = (exemplars[:, None] * members).sum(-1) / tau_w
@@ -742,6 +760,29 @@ def augment_views(run, images, rnd):
             run.to_net(augment(images, local(rnd.strong), run.mean, run.std, strong=True)))
 
 
+def forward_views(net, views, xe, joint):
+    """h of the weak view views[0], z of every view, and z of the exemplar views xe (None: none are
+    forwarded). --exemplar-bn: the exemplars as a BatchNorm batch of their own (alone) or in one batch
+    with the weak view (joint; the weak view's rows are then the first B)."""
+    if xe is None:
+        return (*net(*views), None)
+    if not joint:
+        h, z = net(*views, xe)
+        return h, z[:-1], z[-1]
+    B = views[0].shape[0]
+    h, z = net(torch.cat([views[0], xe]), *views[1:])
+    return h[:B], [z[0][:B], *z[1:]], z[0][B:]
+
+
+def all_exemplars(run, z):
+    """Each process forwards the exemplars rank, rank + W, ... (so that synchronised BatchNorm sees
+    every exemplar once, whatever W); this puts the C rows together on every process, with gradient."""
+    if run.world == 1:
+        return z
+    full = z.new_zeros(run.num_classes, z.shape[1]).slice_scatter(z, 0, run.rank, None, run.world)
+    return differentiable_sum(full)
+
+
 def objective(run, x1, x2, ids, rnd):
     """L for this process's weak and strong views (B, 3, H, W); ids: global sample ids (B_g,).
     Reads the memory bank and changes no state but BatchNorm's running statistics, so that
@@ -750,26 +791,30 @@ def objective(run, x1, x2, ids, rnd):
     bank's next entries."""
     cfg, B, Bg = run.cfg, x1.shape[0], ids.shape[0]
     rows = slice(run.rank * B, (run.rank + 1) * B)
-    views = [x1, x2]
+    views, xe = [x1, x2], None
     if cfg.mu_mix > 0:
         beta, partner = rnd.beta[rows], rnd.partner[rows]
         b = beta.view(-1, 1, 1, 1)
         views.append(b * x1 + (1 - b) * gather(x2)[partner])
-    if cfg.uses_exemplars:
-        views.append(run.to_net(augment(run.exemplar_images, rnd.exemplar, run.mean, run.std, strong=False)))
+    if cfg.uses_exemplars:  # one weak view of each of this process's exemplars
+        mine = slice(run.rank, None, run.world)
+        xe = run.to_net(augment(run.exemplar_images[mine], {k: v[mine] for k, v in rnd.exemplar.items()},
+                                run.mean, run.std, strong=False))
+    joint, by_momentum = cfg.exemplar_bn == "joint", cfg.exemplar_select == "momentum"
 
     with torch.no_grad(), run.autocast():
-        h1m, (z1m, z2m) = run.momentum_net(x1, x2)
+        h1m, (z1m, z2m), em = forward_views(run.momentum_net, [x1, x2], xe if by_momentum else None, joint)
     h1m, z1m, z2m = gather(h1m), gather(z1m), gather(z2m)      # (B_g, .) global momentum outputs
     with run.autocast():
-        h1, z = run.online(*views)
+        h1, z, e = forward_views(run.online, views, xe, joint)
     with torch.no_grad():
         A = sinkhorn(F.normalize(h1, dim=-1) @ F.normalize(h1m, dim=-1).T, cfg.sinkhorn_eps, cfg.sinkhorn_iters)
     losses = {"resa": resa_loss(z[0], z[1], z1m, z2m, A, cfg.resa_temp)}
     loss = losses["resa"]
     if cfg.uses_exemplars:
         valid = run.bank.valid()
-        protos, nbr, _ = build_prototypes(z[-1], run.bank.feats, valid, cfg.k, cfg.alpha, cfg.tau_w)
+        protos, nbr, _ = build_prototypes(all_exemplars(run, e), run.bank.feats, valid, cfg.k, cfg.alpha, cfg.tau_w,
+                                          select_by=all_exemplars(run, em) if by_momentum else None)
         with torch.no_grad():  # teacher assignments p'_v of the global batch against sg(c)
             t1, t2 = assign(z1m, protos, cfg.tau_t), assign(z2m, protos, cfg.tau_t)
             losses["nbr_precision"] = neighbour_precision(nbr, run.bank, run.labels)
@@ -871,7 +916,8 @@ def read_checkpoint(path):
 # what resuming, knn_eval.py and the notebooks read from a checkpoint, and its type
 CHECKPOINT_KEYS = dict(config=dict, num_classes=int, step=int, epoch=int, net=dict, momentum=dict, opt=dict, bank=dict,
                        exemplars=torch.Tensor, sums=dict, rng=torch.Tensor)
-LATER_SETTINGS = ()  # Config fields added after format 1: older checkpoints take their (old-behaviour) defaults
+# Config fields added after format 1, with the value that reproduces the checkpoints written before them
+LATER_SETTINGS = dict(exemplar_select="online", exemplar_bn="alone")
 
 
 def check_checkpoint(ck, path):
@@ -898,6 +944,7 @@ def check_checkpoint(ck, path):
     missing = sorted(set(types) - set(config) - set(LATER_SETTINGS))
     if missing:
         bad(f"its config lacks {missing[0]!r}")
+    config = ck["config"] = {**LATER_SETTINGS, **config}
     cfg = Config(**config)
     try:
         check_config(cfg)
@@ -969,7 +1016,7 @@ def build_run(cfg, rank, world, device, train_x, train_y, ex_idx, num_classes):
     peak_lr = cfg.lr * cfg.batch_size * world / 256  # linear scaling with the global batch
     opt = torch.optim.SGD(net.parameters(), lr=peak_lr, momentum=0.9, weight_decay=cfg.weight_decay,
                           **({"fused": True} if cuda else {}))
-    return SimpleNamespace(cfg=cfg, rank=rank, net=net, online=online, momentum_net=momentum,
+    return SimpleNamespace(cfg=cfg, rank=rank, world=world, net=net, online=online, momentum_net=momentum,
                            objective=compiled(objective), augment=compiled(augment_views),
                            opt=opt, peak_lr=peak_lr, bank=MemoryBank(cfg.bank_size, cfg.proj_dim, device), mean=mean, std=std,
                            num_classes=num_classes, labels=train_y.to(device), exemplar_images=train_x[ex_idx.to(device)],
@@ -992,6 +1039,9 @@ def train(cfg, rank=0, world=1, device=None):
         raise UsageError(f"global batch {Bg} exceeds --bank-size {cfg.bank_size}: enlarge the bank or lower --batch-size")
     if num_classes < 2:
         raise UsageError("the dataset has fewer than 2 classes: the discriminative score needs at least 2")
+    if cfg.uses_exemplars and num_classes < world:
+        raise UsageError(f"{num_classes} classes for {world} processes: each process forwards a share of the exemplars, "
+                         f"so use at most {num_classes} processes")
     method = "osessl" if cfg.uses_exemplars else "resa"
     out = prepare_run_dir(cfg, method)
 

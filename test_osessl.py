@@ -305,13 +305,18 @@ def test_lambda_mu_zero_is_exactly_resa(tmp_path):
         assert torch.equal(trained_m[k], v), k
 
 
-def test_label_isolation(tmp_path, monkeypatch):
+EXEMPLAR_FORWARD = [(), ("--exemplar-select", "momentum"), ("--exemplar-bn", "joint")]
+EXEMPLAR_IDS = ["default", "select-momentum", "bn-joint"]
+
+
+@pytest.mark.parametrize("setting", EXEMPLAR_FORWARD, ids=EXEMPLAR_IDS)
+def test_label_isolation(tmp_path, monkeypatch, setting):
     """Training reads no label but the C exemplars': permuting all other labels changes nothing."""
     real = O.make_synthetic
     ex = json.dumps(list(range(10)))  # synthetic labels are i % 10, so images 0..9 are one per class
     (tmp_path / "ex.json").write_text(ex)
     cfg = lambda name: tiny_config(tmp_path / name, "--exemplars", str(tmp_path / "ex.json"), "--max-steps", "4",
-                                   "--eval-every", "0")
+                                   "--eval-every", "0", *setting)
     a = O.train(cfg("a"))
 
     def permuted(*args, **kw):
@@ -387,21 +392,23 @@ def test_linear_probe_and_one_shot_classifiers():
 SLOW = pytest.mark.skipif(not os.environ.get("OSESSL_SLOW"), reason="inductor compiles for minutes on a CPU: set OSESSL_SLOW=1")
 
 
-@pytest.mark.parametrize("compile_", [(), pytest.param(("--compile",), marks=SLOW)], ids=["eager", "compiled"])
-def test_two_process_torchrun_matches_one_process(tmp_path, compile_):
+@pytest.mark.parametrize("flags", [(), *EXEMPLAR_FORWARD[1:], pytest.param(("--compile",), marks=SLOW)],
+                         ids=["eager", *EXEMPLAR_IDS[1:], "compiled"])
+def test_two_process_torchrun_matches_one_process(tmp_path, flags):
     """DDP equivalence: 2 processes x 16 images compute what 1 process x 32 does, for the full
     objective (global Sinkhorn, memory bank, instance-mixup targets, synchronised BatchNorm, each
     process its shard of the permutation). In float64 the two agree to 1e-9 over 4 steps. (In float32
     reduction order gives ~2e-5 relative gradient noise, which a discrete top-k neighbour choice
     can amplify after a few steps: that is roundoff, not a different computation.) The compiled
-    variant runs the 2 processes with --compile: the collectives inside the compiled objective."""
+    variant runs the 2 processes with --compile: the collectives inside the compiled objective. Each
+    exemplar-forward setting holds too (each process forwards its share of the exemplars)."""
     common = TINY + SMALL + ["--float64"]
     ddp, one = tmp_path / "ddp", tmp_path / "one"
-    r = run_cli(*common, *compile_, "--batch-size", "16", "--out", str(ddp),
+    r = run_cli(*common, *flags, "--batch-size", "16", "--out", str(ddp),
                 launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((ddp / "config.json").read_text())["world_size"] == 2
-    r = run_cli(*common, "--out", str(one))
+    r = run_cli(*common, *[f for f in flags if f != "--compile"], "--out", str(one))
     assert r.returncode == 0, r.stderr[-3000:]
     rows = lambda d: [json.loads(x) for x in open(os.path.join(d, "metrics.jsonl"))]
     assert len(rows(one)) == len(rows(ddp)) == 2
@@ -410,12 +417,86 @@ def test_two_process_torchrun_matches_one_process(tmp_path, compile_):
             assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), k
     ca, cb = (torch.load(os.path.join(d, "last.pt"), weights_only=True) for d in (one, ddp))
     for part in ("net", "momentum"):
-        for k, v in ca[part].items():
-            if part == "net" and "running_var" in k:
-                continue  # every process forwards all C exemplars: its unbiased variance divides by 2C - 1, not C - 1
+        for k, v in ca[part].items():  # BatchNorm running statistics included: each exemplar is forwarded once
             assert torch.allclose(v, cb[part][k], rtol=1e-9, atol=1e-9), (part, k, (v - cb[part][k]).abs().max())
     assert torch.allclose(ca["bank"]["feats"], cb["bank"]["feats"], rtol=1e-9, atol=1e-9)
     assert torch.equal(ca["bank"]["ids"], cb["bank"]["ids"])
+
+
+def test_exemplar_select_momentum_scores_the_bank_but_members_stay_online():
+    """--exemplar-select momentum (METHOD.md section 4 leaves it open): another embedding of the exemplars
+    chooses the top-k; the prototype members and weights are still the online z_l, with gradient."""
+    ex, bank, valid = proto_inputs()
+    other = unit(4, 6, seed=7)
+    protos, idx, w = O.build_prototypes(ex, bank, valid, k=3, select_by=other)
+    by_other = O.discriminative_scores(bank, other).masked_fill(~valid[None], float("-inf")).topk(3, dim=1).indices
+    assert torch.equal(idx, by_other)
+    assert not torch.equal(idx, O.build_prototypes(ex, bank, valid, k=3)[1])  # the choice really changed
+    members = torch.cat([ex[:, None], bank[idx]], 1)
+    assert torch.allclose(w, ((ex[:, None] * members).sum(-1)).softmax(1))  # weights from z_l, tau_w = 1
+    f = lambda e: O.build_prototypes(e, bank, valid, 3, 0.75, 0.5, select_by=other)[0]
+    assert torch.autograd.gradcheck(f, (ex.clone().requires_grad_(),))
+
+
+def step_inputs(run, tx, C, ids, step=0):
+    """The weak, strong, mixed and exemplar views objective() builds for step `step` (one process)."""
+    rnd = O.step_randomness(0, step, len(ids), C, 1.0, torch.device("cpu"))
+    x1, x2 = run.augment(run, tx[ids], rnd)
+    b = rnd.beta.view(-1, 1, 1, 1)
+    xe = O.augment(run.exemplar_images, rnd.exemplar, run.mean, run.std, strong=False)
+    return rnd, x1, x2, b * x1 + (1 - b) * x2[rnd.partner], xe
+
+
+def record(monkeypatch, name):
+    """Calls of O.<name>: their arguments and results."""
+    calls, real = [], getattr(O, name)
+
+    def spy(*a, **k):
+        calls.append((a, k, real(*a, **k)))
+        return calls[-1][2]
+    monkeypatch.setattr(O, name, spy)
+    return calls
+
+
+def test_exemplar_select_momentum_in_the_step(monkeypatch):
+    """The neighbours are those that the momentum network's exemplar embeddings choose (computed here by
+    hand: its own BatchNorm batch, --exemplar-bn alone); the members are the online embeddings."""
+    import copy
+    run, tx, C = tiny_run("--exemplar-select", "momentum")
+    for step in range(3):  # fill the bank
+        tiny_step(run, tx, C, torch.arange(step * 32, step * 32 + 32), step)
+    ids = torch.arange(40, 72)
+    rnd, x1, x2, xm, xe = step_inputs(run, tx, C, ids, step=3)
+    momentum, online = copy.deepcopy(run.momentum_net), copy.deepcopy(run.net)
+    calls = record(monkeypatch, "build_prototypes")
+    O.objective(run, x1, x2, ids, rnd)
+    (ex, bank, valid, *_), kw, (_, nbr, _) = calls[0]
+    with torch.no_grad():
+        zm = momentum(x1, x2, xe)[1][2]
+        zl = online(x1, x2, xm, xe)[1][3]
+    assert torch.allclose(kw["select_by"], zm) and torch.allclose(ex, zl)
+    by_hand = O.discriminative_scores(bank, zm).masked_fill(~valid[None], float("-inf")).topk(run.cfg.k, dim=1).indices
+    assert torch.equal(nbr, by_hand)
+    assert ex.requires_grad and not kw["select_by"].requires_grad
+
+
+def test_exemplar_bn_joint_in_the_step(monkeypatch):
+    """--exemplar-bn joint: the exemplars share the weak views' BatchNorm batch; the exemplar embeddings
+    are the last C rows of that forward, and the losses see its first B rows as z_1."""
+    import copy
+    run, tx, C = tiny_run("--exemplar-bn", "joint")
+    ids = torch.arange(32)
+    rnd, x1, x2, xm, xe = step_inputs(run, tx, C, ids)
+    online = copy.deepcopy(run.net)
+    protos, resa = record(monkeypatch, "build_prototypes"), record(monkeypatch, "resa_loss")
+    O.objective(run, x1, x2, ids, rnd)
+    with torch.no_grad():
+        h, z = online(torch.cat([x1, xe]), x2, xm)
+    assert torch.allclose(protos[0][0][0], z[0][32:])  # the C exemplar embeddings
+    z1, z2 = resa[0][0][:2]
+    assert z1.shape[0] == 32 and torch.allclose(z1, z[0][:32]) and torch.allclose(z2, z[1])
+    with torch.no_grad():  # and not what a separate exemplar batch gives
+        assert not torch.allclose(online(x1, x2, xm, xe)[1][0], z1, atol=1e-4)
 
 
 # ---------------- trustworthy runs: resume, preemption, divergence, bad input ----------------
