@@ -38,8 +38,8 @@ def extract_features(encoder, images, mean, std, to_net=lambda x: x, batch_size=
     was_training = encoder.training
     encoder.eval()
     out = []
-    for chunk in images.split(batch_size):
-        x = (chunk.float() / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    for chunk in images.split(batch_size):  # images may live on the host (--data-on host): chunks go to the device
+        x = (chunk.to(mean.device, non_blocking=True).float() / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
             out.append(encoder(to_net(x)).float())
     encoder.train(was_training)
@@ -220,16 +220,16 @@ def main(argv=None):
         if cfg.train_limit and cfg.train_limit < len(train_x):
             keep = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.train_limit]
             train_x, train_y = train_x[keep], train_y[keep]
-        net = osessl.Network(cfg.width, cfg.proj_hidden, cfg.proj_dim)
+        net = osessl.Network(cfg.width, cfg.proj_hidden, cfg.proj_dim, cfg.stem)
         net.load_state_dict(ck["momentum"])
         net = net.to(device)
-        feats = lambda m, x: extract_features(m, x.to(device), mean, std)
+        feats = lambda m, x: extract_features(m, x, mean, std)  # host images, device chunks
         train_f, test_f = feats(net.encoder, train_x), feats(net.encoder, test_x)
         train_y, test_y = train_y.to(device), test_y.to(device)
         res = knn_report(train_f, train_y, test_f, test_y, num_classes)
         if args.linear:
             res["linear"] = linear_probe(train_f, train_y, test_f, test_y, num_classes)
-        test_z, ex_z = (embed(net, x.to(device), mean, std) for x in (test_x, exemplar_x))
+        test_z, ex_z = (embed(net, x, mean, std) for x in (test_x, exemplar_x))
         bank = osessl.MemoryBank(cfg.bank_size, cfg.proj_dim, device)
         bank.load_state_dict(ck["bank"])
         protos = osessl.build_prototypes(ex_z, bank.feats, bank.valid(), cfg.k, cfg.alpha, cfg.tau_w)[0]

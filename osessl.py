@@ -27,7 +27,8 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
+from functools import partial
 from types import SimpleNamespace
 
 import torch
@@ -59,6 +60,10 @@ class Config:
     test_limit: int = opt(0, "evaluate on only this many test images (seeded subset; 0 = all)")
     synthetic_classes: int = opt(10, "number of classes of --dataset synthetic")
     synthetic_per_class: int = opt(64, "training images per class of --dataset synthetic (a quarter as many test images)")
+    image_size: int = opt(0, "imagefolder: every image is resized (short side) and centre-cropped once, when decoded, to "
+                          "this square size (0 = the images' own size, when they all share one square size)")
+    data_on: str = opt("auto", "where the uint8 images live: device | host (pinned memory; each step's batch is copied "
+                       "to the device) | auto (the device when the splits take at most half of its free memory)")
     # one-shot split
     exemplar_seed: int = opt(0, "seed that draws the one labeled exemplar per class")
     exemplars: str = opt("", "JSON file with a list of training indices, one per class (overrides --exemplar-seed)")
@@ -70,6 +75,8 @@ class Config:
                            "one batch with the weak views (joint)")
     # networks
     width: int = opt(64, "ResNet-18 base width (64 = the real ResNet-18; tests use 8 or 16 to run fast)")
+    stem: str = opt("auto", "ResNet stem: cifar (3x3 conv, no max-pool) | imagenet (torchvision's 7x7/2 conv + max-pool) | "
+                    "auto (cifar up to 64 px, imagenet above)")
     proj_hidden: int = opt(2048, "projector hidden size")
     proj_dim: int = opt(512, "projector output size d")
     # optimisation
@@ -94,6 +101,8 @@ class Config:
     tau_s: float = opt(0.1, "student temperature")
     tau_t: float = opt(0.04, "teacher temperature (sharper)")
     zeta: float = opt(1.0, "mixup Beta(zeta, zeta) parameter; paper silent, 1.0 = uniform")
+    blur: str = opt("auto", "Gaussian blur in the strong view, p=0.5, sigma in [0.1, 2] px, kernel 2 round(S/20) + 1 "
+                    "(ReSA's ImageNet recipe; the paper is silent): on | off | auto (on above 64 px)")
     dispersion: str = opt("mean", "mean (the paper's text) | logsumexp (contrastive form, pushes closest pairs hardest)")
     # run
     seed: int = opt(0, "seed of the network init, epoch permutations and augmentation")
@@ -143,12 +152,15 @@ def parse_config(argv=None) -> Config:
     return cfg
 
 
-RUN_CONTROL = ("out", "overwrite", "resume", "max_steps", "compile", "compile_mode", "device", "benchmark", "benchmark_steps")
+RUN_CONTROL = ("out", "overwrite", "resume", "max_steps", "compile", "compile_mode", "device", "benchmark", "benchmark_steps",
+               "data_on")
 
 
 def check_config(cfg: Config):
     if cfg.dataset not in ("cifar10", "cifar100", "imagefolder", "synthetic"):
         raise UsageError(f"unknown --dataset {cfg.dataset!r}: use cifar10, cifar100, imagefolder or synthetic")
+    if cfg.image_size and not 8 <= cfg.image_size <= 4096:
+        raise UsageError(f"--image-size must lie in 8..4096 pixels (0 = the images' own size), got {cfg.image_size}")
     positive = dict(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, k=cfg.k, bank_size=cfg.bank_size,
                     sinkhorn_eps=cfg.sinkhorn_eps, resa_temp=cfg.resa_temp, tau_w=cfg.tau_w, tau_s=cfg.tau_s,
                     tau_t=cfg.tau_t, zeta=cfg.zeta, width=cfg.width, sinkhorn_iters=cfg.sinkhorn_iters)
@@ -167,7 +179,9 @@ def check_config(cfg: Config):
     if not 0 <= cfg.alpha <= 1:
         raise UsageError(f"--alpha must lie in [0, 1], got {cfg.alpha}")
     for flag, value, choices in (("exemplar-select", cfg.exemplar_select, ("online", "momentum")),
-                                 ("exemplar-bn", cfg.exemplar_bn, ("alone", "joint"))):
+                                 ("exemplar-bn", cfg.exemplar_bn, ("alone", "joint")),
+                                 ("data-on", cfg.data_on, ("auto", "device", "host")),
+                                 ("stem", cfg.stem, ("auto", "cifar", "imagenet")), ("blur", cfg.blur, ("auto", "on", "off"))):
         if value not in choices:
             raise UsageError(f"unknown --{flag} {value!r}: use {' or '.join(choices)}")
     if cfg.dispersion not in ("mean", "logsumexp"):
@@ -198,6 +212,8 @@ def load_cifar(cfg):
 
 
 def _list_split(root, split):
+    """Class names and (path, class) of every image file (torchvision's IMG_EXTENSIONS) under root/split."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
     top = os.path.join(root, split)
     if not os.path.isdir(top):
         raise UsageError(f"{top} is not a directory: --data-dir must hold train/<class>/* and test/<class>/*")
@@ -207,46 +223,113 @@ def _list_split(root, split):
     files = []
     for c, name in enumerate(classes):
         d = os.path.join(top, name)
-        names = sorted(n for n in os.listdir(d) if not n.startswith("."))
+        names = sorted(n for n in os.listdir(d) if n.lower().endswith(IMG_EXTENSIONS) and not n.startswith("."))
         if not names:
-            raise UsageError(f"empty class folder {d}: every class needs at least one image")
+            raise UsageError(f"empty class folder {d}: every class needs at least one image ({' '.join(IMG_EXTENSIONS)})")
         files += [(os.path.join(d, n), c) for n in names]
     return classes, files
 
 
-def load_imagefolder_split(root, split):
-    """Decode DIR/split/<class>/* once; the result is cached next to the data when writable."""
+def decode_image(path, size=0):
+    """One image file -> uint8 array (S, S, 3): RGB (from grayscale, palette, RGBA, CMYK, ...), the short
+    side resized to S and centre-cropped; size 0 keeps the image as it is. Returns an error string
+    for an unreadable file (it runs in worker processes)."""
     import numpy as np
-    from PIL import Image  # decoding only, once; the training loop never sees PIL
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            if size:
+                im.draft("RGB", (size, size))  # JPEG: decode at the smallest scale that still covers S (cheap)
+            im = im.convert("RGB")
+            if size and im.size != (size, size):
+                w, h = im.size
+                scale = size / min(w, h)
+                im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+                left, top = (im.width - size) // 2, (im.height - size) // 2
+                im = im.crop((left, top, left + size, top + size))
+            return np.asarray(im).copy()
+    except Exception as e:
+        return f"{type(e).__name__}"
+
+
+def image_size_of(path):
+    from PIL import Image
+    try:
+        with Image.open(path) as im:  # reads the header only
+            return im.size
+    except Exception as e:
+        return f"{type(e).__name__}"
+
+
+def parallel_map(fn, items, what, workers=None):
+    """fn over items on every CPU core (in order), with a progress line every 10 s for long jobs."""
+    from concurrent.futures import ProcessPoolExecutor
+    workers = workers or os.cpu_count() or 1
+    if workers == 1 or len(items) < 2000:
+        yield from map(fn, items)
+        return
+    t0 = t_print = time.time()
+    with ProcessPoolExecutor(workers) as pool:
+        for i, out in enumerate(pool.map(fn, items, chunksize=256)):
+            if time.time() - t_print > 10:
+                t_print = time.time()
+                print(f"  {what}: {i}/{len(items)} ({i / (t_print - t0):.0f}/s, {workers} processes)", flush=True)
+            yield out
+
+
+def load_imagefolder_split(root, split, size=0):
+    """Decode DIR/split/<class>/* once into uint8 (N, 3, S, S); cached next to the data when writable."""
     classes, files = _list_split(root, split)
-    key = hashlib.sha1(json.dumps([(os.path.relpath(p, root), os.path.getsize(p)) for p, _ in files]).encode()).hexdigest()
+    key = hashlib.sha1(json.dumps([size] + [(os.path.relpath(p, root), os.path.getsize(p)) for p, _ in files]).encode()).hexdigest()
     cache = os.path.join(root, f".osessl-cache-{split}.pt")
     labels = torch.tensor([c for _, c in files])
     try:  # tensors and plain data only: a crafted cache cannot run code, a wrong one is decoded anew
         c = torch.load(cache, weights_only=True)
         x = c["x"]
-        if c["key"] == key and x.dtype == torch.uint8 and x.dim() == 4 and x.shape[:2] == (len(files), 3) and torch.equal(c["y"], labels):
+        if c["key"] == key and x.dtype == torch.uint8 and x.dim() == 4 and x.shape[:2] == (len(files), 3) \
+                and (not size or x.shape[2:] == (size, size)) and torch.equal(c["y"], labels):
             return x, labels, classes
     except Exception:
         pass  # no cache yet, or an unreadable or foreign one: decode (and rewrite it)
-    images = []
-    for path, _ in files:
-        try:
-            with Image.open(path) as im:
-                img = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
-        except Exception as e:
-            raise UsageError(f"cannot read image {path} ({type(e).__name__}): remove or replace the file") from None
-        if images and img.shape != images[0].shape:
-            raise UsageError(f"image {path} is {tuple(img.shape[1:])}, others are {tuple(images[0].shape[1:])}: all images must share one size")
-        images.append(img)
-    x, y = torch.stack(images), labels
+    paths = [p for p, _ in files]
+    if not size:  # the images' own size: only when they all share one square size
+        sizes = list(parallel_map(image_size_of, paths, f"reading {split} image sizes"))
+        for p, s in zip(paths, sizes):
+            if isinstance(s, str):
+                raise UsageError(f"cannot read image {p} ({s}): remove or replace the file")
+        odd = next(((p, s) for p, s in zip(paths, sizes) if s != sizes[0] or s[0] != s[1]), None)
+        if odd:
+            what = f"{paths[0]} is {sizes[0][0]}x{sizes[0][1]}" + (f", {odd[0]} {odd[1][0]}x{odd[1][1]}" if odd[1] != sizes[0] else "")
+            raise UsageError(f"the images are not all of one square size ({what}): give --image-size S to resize and "
+                             f"centre-crop them to S x S")
+        size = sizes[0][0]
+    need = len(files) * 3 * size * size
+    if need > host_memory_bytes():
+        raise UsageError(f"{root}/{split} at {size} x {size} px needs {need / 2 ** 30:.2f} GiB, more than this machine's "
+                         f"{host_memory_bytes() / 2 ** 30:.2f} GiB of free memory: give a smaller --image-size")
+    x = torch.empty(len(files), 3, size, size, dtype=torch.uint8)
+    for i, (p, img) in enumerate(zip(paths, parallel_map(partial(decode_image, size=size), paths, f"decoding {split}"))):
+        if isinstance(img, str):
+            raise UsageError(f"cannot read image {p} ({img}): remove or replace the file")
+        if img.shape != (size, size, 3):
+            raise UsageError(f"image {p} is {img.shape[1]}x{img.shape[0]}, others are {size}x{size}: give --image-size S")
+        x[i] = torch.from_numpy(img).permute(2, 0, 1)
     tmp = f"{cache}.{os.getpid()}.tmp"  # several runs may start at once on the same data
     try:
-        torch.save({"key": key, "x": x, "y": y}, tmp)
+        torch.save({"key": key, "x": x, "y": labels}, tmp)
         os.replace(tmp, cache)
     except OSError:
         pass  # read-only data directory: decode again next time
-    return x, y, classes
+    return x, labels, classes
+
+
+def host_memory_bytes():
+    """Memory this machine has available now (Linux), or its physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            return int(next(line for line in f if line.startswith("MemAvailable")).split()[1]) * 1024
+    except (OSError, StopIteration, ValueError):
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def make_synthetic(num_classes, per_class, seed=0, size=32):
@@ -270,14 +353,11 @@ def load_data(cfg):
     elif cfg.dataset == "imagefolder":
         if not os.path.isdir(cfg.data_dir):
             raise UsageError(f"--data-dir {cfg.data_dir} does not exist: point it at a folder holding train/ and test/")
-        tx, ty, classes = load_imagefolder_split(cfg.data_dir, "train")
-        vx, vy, test_classes = load_imagefolder_split(cfg.data_dir, "test")
+        tx, ty, classes = load_imagefolder_split(cfg.data_dir, "train", cfg.image_size)
+        vx, vy, test_classes = load_imagefolder_split(cfg.data_dir, "test", tx.shape[-1])  # the training size
         if test_classes != classes:
             raise UsageError(f"{cfg.data_dir}: test/ and train/ hold different class folders ({len(test_classes)} and "
                              f"{len(classes)}): both need the same classes")
-        if tx.shape[-1] != tx.shape[-2] or vx.shape[1:] != tx.shape[1:]:
-            raise UsageError(f"{cfg.data_dir}: images must be square and of one size in train/ and test/, "
-                             f"got {tuple(tx.shape[2:])} and {tuple(vx.shape[2:])}")
         data = (tx, ty, vx, vy, len(classes))
     else:
         data = make_synthetic(cfg.synthetic_classes, cfg.synthetic_per_class, seed=cfg.seed)
@@ -286,6 +366,25 @@ def load_data(cfg):
         keep = torch.randperm(len(vx), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.test_limit]
         vx, vy = vx[keep], vy[keep]
     return tx, ty, vx, vy, num_classes
+
+
+def settle(cfg, size):
+    """The settings that follow the image size S, made concrete (config.json and checkpoints record them)."""
+    large = size > 64
+    return replace(cfg, stem={"auto": "imagenet" if large else "cifar"}.get(cfg.stem, cfg.stem),
+                   blur={"auto": "on" if large else "off"}.get(cfg.blur, cfg.blur))
+
+
+def device_free_bytes(device):
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else host_memory_bytes()
+
+
+def data_on_device(cfg, device, nbytes):
+    """--data-on: keep the uint8 splits on the training device when they fit (auto: in at most half of
+    its free memory, the rest being the networks'), else in pinned host memory."""
+    if cfg.data_on != "auto":
+        return cfg.data_on == "device"
+    return nbytes <= device_free_bytes(device) / 2
 
 
 def select_exemplars(cfg, train_y, num_classes):
@@ -419,6 +518,19 @@ def color_jitter(x, factors, order):
     return x
 
 
+def gaussian_blur(x, sigma, kernel):
+    """Per-sample Gaussian blur of (n, 3, H, W) images with sigma (n,) and an odd kernel size, reflect
+    padding: torchvision's gaussian_blur for the whole batch at once, as two 1-D grouped convolutions."""
+    n, c, H, W = x.shape
+    r = kernel // 2
+    t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t[None] / sigma[:, None].to(x.dtype)) ** 2)
+    k = (k / k.sum(1, keepdim=True))[:, None].expand(n, c, kernel).reshape(n * c, 1, kernel)
+    y = F.pad(x.reshape(1, n * c, H, W), (r, r, r, r), mode="reflect")
+    y = F.conv2d(F.conv2d(y, k[..., None, :], groups=n * c), k[..., :, None], groups=n * c)
+    return y.reshape(n, c, H, W)
+
+
 def augment(images, p, mean, std, strong):
     """uint8 images (B, 3, H, W) and per-sample parameters -> normalised float views (B, 3, H, W).
     One affine grid does crop, resize and flip for the whole batch."""
@@ -435,6 +547,8 @@ def augment(images, p, mean, std, strong):
     if strong:
         x = torch.where(p["jitter"].view(-1, 1, 1, 1), color_jitter(x, p["factors"], p["order"]), x)
         x = torch.where(p["gray"].view(-1, 1, 1, 1), _gray(x).expand(-1, 3, -1, -1), x)
+        if "blur" in p:  # large images (--blur); kernel 23 at 224 px, as BYOL's and ReSA's ImageNet recipes
+            x = torch.where(p["blur"].view(-1, 1, 1, 1), gaussian_blur(x, p["sigma"], 2 * round(H / 20) + 1), x)
         x = torch.where(p["solarize"].view(-1, 1, 1, 1) & (x >= 0.5), 1 - x, x)  # PIL's threshold 128
     return (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
 
@@ -457,12 +571,16 @@ def sample_beta(n, zeta, g, tries=8):
     return a / (a + b)
 
 
-def step_randomness(seed, step, n_global, n_exemplars, zeta, device, size=32):
+def step_randomness(seed, step, n_global, n_exemplars, zeta, device, size=32, blur=False):
     """Everything random in one training step, for the global batch, in a fixed order."""
     g = step_generator(seed, step, device)
-    return SimpleNamespace(weak=sample_view_params(n_global, g, size), strong=sample_view_params(n_global, g, size),
-                           exemplar=sample_view_params(n_exemplars, g, size), beta=sample_beta(n_global, zeta, g),
-                           partner=torch.randperm(n_global, generator=g, device=device))
+    r = SimpleNamespace(weak=sample_view_params(n_global, g, size), strong=sample_view_params(n_global, g, size),
+                        exemplar=sample_view_params(n_exemplars, g, size), beta=sample_beta(n_global, zeta, g),
+                        partner=torch.randperm(n_global, generator=g, device=device))
+    if blur:  # drawn last, so that runs without blur keep their random stream
+        r.strong.update(blur=torch.rand(n_global, generator=g, device=device) < 0.5,
+                        sigma=0.1 + 1.9 * torch.rand(n_global, generator=g, device=device))
+    return r
 
 
 # ============ 4. Networks: ResNet-18 (CIFAR stem), projector, momentum copies (section 2) ============
@@ -485,16 +603,18 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18(nn.Module):
-    """torchvision's resnet18 with the CIFAR stem (3x3 conv, stride 1, no max-pool) and no fc.
-    Same module names, so state dicts interchange with torchvision's (a test checks parity);
-    `width` scales every stage (64 = ResNet-18; smaller widths keep CPU tests fast)."""
+    """torchvision's resnet18 without fc, with the CIFAR stem (3x3 conv, stride 1, no max-pool) or
+    torchvision's own (7x7 conv, stride 2, max-pool) for larger images. Same module names, so state
+    dicts interchange with torchvision's (a test checks parity); `width` scales every stage (64 =
+    ResNet-18; smaller widths keep CPU tests fast)."""
 
-    def __init__(self, width=64):
+    def __init__(self, width=64, stem="cifar"):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        cifar = stem == "cifar"
+        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False) if cifar else nn.Conv2d(3, width, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.Identity()
+        self.maxpool = nn.Identity() if cifar else nn.MaxPool2d(3, 2, 1)
         widths = [width, 2 * width, 4 * width, 8 * width]
         cin = width
         for i, (w, stride) in enumerate(zip(widths, (1, 2, 2, 2))):
@@ -517,9 +637,9 @@ class Network(nn.Module):
     """Encoder f and projector g. One call forwards several views *separately* (each its own
     BatchNorm batch, as ReSA does), so that DDP sees one forward per step."""
 
-    def __init__(self, width=64, hidden=2048, dim=512):
+    def __init__(self, width=64, hidden=2048, dim=512, stem="cifar"):
         super().__init__()
-        self.encoder = ResNet18(width)
+        self.encoder = ResNet18(width, stem)
         e = self.encoder.dim
         self.projector = nn.Sequential(  # biases before BN would be cancelled by it
             nn.Linear(e, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
@@ -917,7 +1037,7 @@ def read_checkpoint(path):
 CHECKPOINT_KEYS = dict(config=dict, num_classes=int, step=int, epoch=int, net=dict, momentum=dict, opt=dict, bank=dict,
                        exemplars=torch.Tensor, sums=dict, rng=torch.Tensor)
 # Config fields added after format 1, with the value that reproduces the checkpoints written before them
-LATER_SETTINGS = dict(exemplar_select="online", exemplar_bn="alone")
+LATER_SETTINGS = dict(exemplar_select="online", exemplar_bn="alone", image_size=0, data_on="auto", stem="cifar", blur="off")
 
 
 def check_checkpoint(ck, path):
@@ -953,7 +1073,7 @@ def check_checkpoint(ck, path):
     if ck["num_classes"] < 2 or ck["step"] < 0 or ck["epoch"] < 0:
         bad(f"num_classes {ck['num_classes']}, step {ck['step']}, epoch {ck['epoch']}")
     with torch.device("meta"):  # the networks its config describes, without allocating them
-        ref = Network(cfg.width, cfg.proj_hidden, cfg.proj_dim)
+        ref = Network(cfg.width, cfg.proj_hidden, cfg.proj_dim, cfg.stem)
     shapes = {k: v.shape for k, v in ref.state_dict().items()}
     for part in ("net", "momentum"):
         got = {k: getattr(v, "shape", None) for k, v in ck[part].items()}
@@ -1000,9 +1120,9 @@ def load_checkpoint(cfg, train_y, num_classes, ck=None):
 def build_run(cfg, rank, world, device, train_x, train_y, ex_idx, num_classes):
     """Networks, optimiser, memory bank and the per-run constants that training_step reads."""
     cuda = device.type == "cuda"
-    mean, std = channel_stats(train_x)
-    net = Network(cfg.width, cfg.proj_hidden, cfg.proj_dim)
-    momentum = Network(cfg.width, cfg.proj_hidden, cfg.proj_dim)
+    mean, std = (t.to(device) for t in channel_stats(train_x))
+    net = Network(cfg.width, cfg.proj_hidden, cfg.proj_dim, cfg.stem)
+    momentum = Network(cfg.width, cfg.proj_hidden, cfg.proj_dim, cfg.stem)
     momentum.load_state_dict(net.state_dict())
     momentum.requires_grad_(False)
     if world > 1:
@@ -1019,7 +1139,7 @@ def build_run(cfg, rank, world, device, train_x, train_y, ex_idx, num_classes):
     return SimpleNamespace(cfg=cfg, rank=rank, world=world, net=net, online=online, momentum_net=momentum,
                            objective=compiled(objective), augment=compiled(augment_views),
                            opt=opt, peak_lr=peak_lr, bank=MemoryBank(cfg.bank_size, cfg.proj_dim, device), mean=mean, std=std,
-                           num_classes=num_classes, labels=train_y.to(device), exemplar_images=train_x[ex_idx.to(device)],
+                           num_classes=num_classes, labels=train_y.to(device), exemplar_images=train_x[ex_idx].to(device),
                            to_net=lambda x: x.contiguous(memory_format=fmt),
                            autocast=lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda))
 
@@ -1028,6 +1148,7 @@ def train(cfg, rank=0, world=1, device=None):
     device = device or torch.device("cpu")
     torch.manual_seed(cfg.seed)
     train_x, train_y, test_x, test_y, num_classes = load_data(cfg)
+    cfg = settle(cfg, train_x.shape[-1])
     ck = load_checkpoint(cfg, train_y, num_classes) if cfg.resume else None
     ex_idx = ck["exemplars"] if ck is not None else select_exemplars(cfg, train_y, num_classes)
     u_idx = unlabeled_indices(cfg, len(train_x), ex_idx)
@@ -1045,8 +1166,14 @@ def train(cfg, rank=0, world=1, device=None):
     method = "osessl" if cfg.uses_exemplars else "resa"
     out = prepare_run_dir(cfg, method)
 
-    # Images live on the device; the only label tensor the step sees feeds a logged diagnostic.
-    train_x = train_x.to(device)
+    # Images live on the device when they fit (--data-on), else in pinned host memory, each step's
+    # batch then copied over; the only label tensor the step sees feeds a logged diagnostic.
+    nbytes = train_x.numel() + test_x.numel()
+    on_device = data_on_device(cfg, device, nbytes)
+    store = device if on_device else torch.device("cpu")
+    train_x, test_x = train_x.to(store), test_x.to(store)
+    if not on_device and device.type == "cuda":
+        train_x = train_x.pin_memory()
     run = build_run(cfg, rank, world, device, train_x, train_y, ex_idx, num_classes)
     net, momentum, opt, bank, peak_lr = run.net, run.momentum_net, run.opt, run.bank, run.peak_lr
     steps_per_epoch = len(u_idx) // Bg
@@ -1074,22 +1201,26 @@ def train(cfg, rank=0, world=1, device=None):
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump(dict(asdict(cfg), world_size=world, num_classes=num_classes, exemplar_indices=ex_idx.tolist()), f, indent=1)
         print(f"osessl: {method} on {cfg.dataset} ({len(u_idx)} unlabeled + {num_classes} exemplars, {len(test_x)} test) | "
-              f"{world} process(es) on {device.type}, global batch {Bg}, {steps_per_epoch} steps/epoch | run dir {out}", flush=True)
+              f"{world} process(es) on {device.type}, global batch {Bg}, {steps_per_epoch} steps/epoch | run dir {out}\n"
+              f"  images: {tuple(train_x.shape[1:])} uint8, {nbytes / 2 ** 30:.2f} GiB on {'the device' if on_device else 'the host'} "
+              f"(--data-on {cfg.data_on}); stem {cfg.stem}, blur {cfg.blur}", flush=True)
     in_use = torch.cat([u_idx, ex_idx]).unique()  # k-NN memory: the training images in use
-    eval_x, eval_y = train_x[in_use.to(device)], train_y[in_use].to(device)
-    test_x, test_y = test_x.to(device), test_y.to(device)
-    u_dev = u_idx.to(device)
+    eval_x, eval_y = train_x[in_use.to(store)], train_y[in_use].to(device)
+    test_y, u_store = test_y.to(device), u_idx.to(store)
     last = min(cfg.max_steps or total, total)
     with Preemption(world) as stop:
         t_epoch, t_print, seen, first_bad, perm = time.time(), time.time(), 0, None, None
         while step < last:
             epoch, i = divmod(step, steps_per_epoch)
             if i == 0 or perm is None:
-                perm = u_dev[epoch_permutation(cfg.seed, epoch, len(u_idx)).to(device)]
+                perm = u_store[epoch_permutation(cfg.seed, epoch, len(u_idx)).to(store)]
             ids = perm[i * Bg:(i + 1) * Bg]
-            mine = ids[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
-            rnd = step_randomness(cfg.seed, step, Bg, num_classes, cfg.zeta, device, train_x.shape[-1])
-            losses = training_step(run, *run.augment(run, train_x[mine], rnd), ids, rnd, lr_schedule(step, total, warmup, peak_lr, cfg.final_lr_ratio),
+            images = train_x[ids[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]]
+            if not on_device:  # --data-on host: this step's images and ids to the device, without waiting
+                pin = (lambda t: t.pin_memory()) if device.type == "cuda" else (lambda t: t)
+                images, ids = (pin(t).to(device, non_blocking=True) for t in (images, ids))
+            rnd = step_randomness(cfg.seed, step, Bg, num_classes, cfg.zeta, device, train_x.shape[-1], cfg.blur == "on")
+            losses = training_step(run, *run.augment(run, images, rnd), ids, rnd, lr_schedule(step, total, warmup, peak_lr, cfg.final_lr_ratio),
                                    ema_schedule(step, total, cfg.ema_start))
             # first step at which each term went non-finite, kept on the device (checked once per epoch)
             finite = torch.stack([v.isfinite() for v in losses.values()])
@@ -1237,6 +1368,7 @@ def pil_dataloader(images, mean, std, batch_size, workers, pin):
 def benchmark(cfg, device):
     """One table, every row measured in this run: ms/step, images/s, s per 50,000-image epoch, peak memory."""
     train_x, train_y, test_x, test_y, C = load_data(cfg)
+    cfg = settle(cfg, train_x.shape[-1])
     ex_idx = select_exemplars(cfg, train_y, C)
     cpu_x, train_x = train_x, train_x.to(device)
     B = cfg.batch_size
@@ -1253,7 +1385,7 @@ def benchmark(cfg, device):
     def batch():  # as in training: a slice of a device-side permutation, no host-device copy
         step = next(counter)
         i = step % per_epoch
-        return perm[i * B:(i + 1) * B], step_randomness(cfg.seed, step, B, C, cfg.zeta, device, train_x.shape[-1])
+        return perm[i * B:(i + 1) * B], step_randomness(cfg.seed, step, B, C, cfg.zeta, device, train_x.shape[-1], cfg.blur == "on")
     ids0, rnd0 = batch()
     premade = [x.clone() for x in osessl_run.augment(osessl_run, train_x[ids0], rnd0)]  # CUDA graphs reuse outputs
     workers = os.cpu_count() or 1

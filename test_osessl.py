@@ -616,6 +616,127 @@ def test_imagefolder_cache_is_reused_refreshed_and_survives_damage(tmp_path):
     assert torch.equal(torch.load(cache)["x"], x2) and not list(tmp_path.glob("*.tmp"))
 
 
+def write_photo_folder(root, per_class=6):
+    """An ordinary photo folder: mixed sizes and aspect ratios, grayscale, palette, RGBA PNG and CMYK JPEG
+    images, and files that are not images."""
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    sizes = [(50, 40), (37, 61), (80, 80), (45, 45), (120, 48), (41, 90)]
+    modes = ["RGB", "L", "P", "RGBA", "CMYK", "RGB"]
+    for split in ("train", "test"):
+        for c in ("cat", "dog"):
+            os.makedirs(root / split / c, exist_ok=True)
+            for i in range(per_class):
+                w, h = sizes[i % 6]
+                rgb = Image.fromarray(torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=g).numpy())
+                mode = modes[i % 6]
+                img = rgb.convert(mode) if mode != "P" else rgb.quantize(16)
+                img.save(root / split / c / f"{i}.{'jpg' if mode in ('CMYK', 'L') else 'png'}")
+            (root / split / c / "notes.txt").write_text("not an image")
+            (root / split / c / "Thumbs.db").write_bytes(b"\x00" * 64)
+
+
+def test_any_imagefolder_resized_once_to_image_size(tmp_path, capsys, monkeypatch):
+    write_photo_folder(tmp_path / "photos")
+    d = str(tmp_path / "photos")
+    err = one_line_exit_2(O.main, ["--dataset", "imagefolder", "--data-dir", d, "--out", str(tmp_path / "x")], capsys)
+    assert "not all of one square size" in err and "give --image-size S" in err and not (tmp_path / "x").exists()
+    with monkeypatch.context() as m:  # a split larger than the host's memory: stopped before decoding
+        m.setattr(O, "host_memory_bytes", lambda: 2 ** 20)
+        with pytest.raises(O.UsageError, match=r"needs 0.00 GiB.*give a smaller --image-size"):
+            O.load_imagefolder_split(d, "train", 200)
+        assert not (tmp_path / "photos" / ".osessl-cache-train.pt").exists()
+    x, y, classes = O.load_imagefolder_split(d, "train", 40)
+    assert x.shape == (12, 3, 40, 40) and classes == ["cat", "dog"] and y.tolist() == [0] * 6 + [1] * 6
+    from PIL import Image
+    with Image.open(tmp_path / "photos" / "train" / "cat" / "4.jpg") as im:  # the CMYK JPEG
+        assert im.mode == "CMYK"
+    gray = x[1]  # a grayscale image: three equal channels
+    assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
+    x36, _, _ = O.load_imagefolder_split(d, "train", 36)  # another size: the cache is rebuilt
+    assert x36.shape[2:] == (36, 36)
+    assert torch.load(tmp_path / "photos" / ".osessl-cache-train.pt", weights_only=True)["x"].shape[2:] == (36, 36)
+    out = O.train(O.parse_config(["--dataset", "imagefolder", "--data-dir", d, "--image-size", "40", "--width", "8",
+                                  "--proj-hidden", "64", "--proj-dim", "32", "--batch-size", "4", "--bank-size", "16",
+                                  "--k", "2", "--epochs", "2", "--eval-every", "1", "--out", str(tmp_path / "run")]))
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["image_size"] == 40 and cfg["stem"] == "cifar" and cfg["blur"] == "off"
+    assert len(metrics(out)) == 2
+    e = run_cli("--checkpoint", os.path.join(out, "last.pt"), script="knn_eval.py")  # decodes at the run's size
+    assert e.returncode == 0, e.stderr
+
+
+def test_data_on_host_trains_as_on_device_and_auto_decides(tmp_path, monkeypatch, capsys):
+    args = TINY + SMALL + ["--max-steps", "3", "--eval-every", "0"]
+    a = O.train(O.parse_config(args + ["--out", str(tmp_path / "a"), "--data-on", "device"]))
+    b = O.train(O.parse_config(args + ["--out", str(tmp_path / "b"), "--data-on", "host"]))
+    assert "on the host (--data-on host)" in capsys.readouterr().out
+    assert_same_state(a, b)
+    monkeypatch.setattr(O, "device_free_bytes", lambda device: 10_000)  # a device too small for the images
+    O.train(O.parse_config(args + ["--out", str(tmp_path / "c")]))
+    assert "on the host (--data-on auto)" in capsys.readouterr().out
+    monkeypatch.setattr(O, "device_free_bytes", lambda device: 10 ** 12)
+    O.train(O.parse_config(args + ["--out", str(tmp_path / "d")]))
+    assert "on the device (--data-on auto)" in capsys.readouterr().out
+
+
+def test_stem_follows_the_image_size_and_matches_torchvision():
+    import torchvision
+    cfg = O.parse_config(TINY)
+    assert (O.settle(cfg, 64).stem, O.settle(cfg, 65).stem) == ("cifar", "imagenet")
+    assert (O.settle(cfg, 64).blur, O.settle(cfg, 65).blur) == ("off", "on")
+    assert O.settle(O.parse_config(TINY + ["--stem", "cifar", "--blur", "off"]), 224).stem == "cifar"
+    ref, ours = torchvision.models.resnet18(), O.ResNet18(64, "imagenet")
+    ref.fc = torch.nn.Identity()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 96, 96)
+    ref.eval(), ours.eval()
+    with torch.no_grad():
+        assert torch.allclose(ours(x), ref(x), atol=1e-5)
+
+
+def test_both_stems_train_a_step(tmp_path):
+    from PIL import Image
+    for split in ("train", "test"):
+        for c in ("a", "b", "c"):
+            os.makedirs(tmp_path / split / c)
+            for i in range(4):
+                Image.fromarray(torch.randint(0, 256, (72, 72, 3), dtype=torch.uint8).numpy()).save(tmp_path / split / c / f"{i}.png")
+    for stem in ("cifar", "imagenet"):
+        out = O.train(O.parse_config(["--dataset", "imagefolder", "--data-dir", str(tmp_path), "--stem", stem, "--width", "8",
+                                      "--proj-hidden", "32", "--proj-dim", "16", "--batch-size", "4", "--bank-size", "8",
+                                      "--k", "2", "--epochs", "1", "--max-steps", "2", "--eval-every", "0",
+                                      "--out", str(tmp_path / stem)]))
+        cfg = json.loads(open(os.path.join(out, "config.json")).read())
+        assert cfg["stem"] == stem and cfg["blur"] == "on"  # 72 px: above 64, blur by default
+        ck = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+        assert ck["net"]["encoder.conv1.weight"].shape[-1] == (3 if stem == "cifar" else 7)
+
+
+def test_gaussian_blur_per_sample_matches_torchvision():
+    from torchvision.transforms import functional as TF
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 30, 30, generator=g)
+    sigma = torch.tensor([0.1, 0.7, 1.3, 2.0])
+    out = O.gaussian_blur(x, sigma, 7)
+    for i in range(4):
+        assert torch.allclose(out[i], TF.gaussian_blur(x[i], [7, 7], [sigma[i].item()] * 2), atol=1e-5), i
+    r = O.step_randomness(3, 5, 64, 2, 1.0, torch.device("cpu"), size=96, blur=True)
+    again = O.step_randomness(3, 5, 64, 2, 1.0, torch.device("cpu"), size=96, blur=True)
+    plain = O.step_randomness(3, 5, 64, 2, 1.0, torch.device("cpu"), size=96)
+    assert torch.equal(r.strong["sigma"], again.strong["sigma"]) and torch.equal(r.strong["blur"], again.strong["blur"])
+    assert 0.1 <= r.strong["sigma"].min() and r.strong["sigma"].max() <= 2.0 and r.strong["sigma"].unique().numel() == 64
+    assert 0 < r.strong["blur"].sum() < 64
+    assert torch.equal(plain.strong["box"], r.strong["box"]) and torch.equal(plain.partner, r.partner)  # blur drawn last
+    imgs = torch.randint(0, 256, (64, 3, 96, 96), dtype=torch.uint8)
+    mean, std = torch.zeros(3), torch.ones(3)
+    p = dict(r.strong, jitter=torch.zeros(64, dtype=torch.bool), gray=torch.zeros(64, dtype=torch.bool),
+             solarize=torch.zeros(64, dtype=torch.bool))
+    blurred, sharp = O.augment(imgs, p, mean, std, True), O.augment(imgs, {k: v for k, v in p.items() if k not in ("blur", "sigma")}, mean, std, True)
+    changed = (blurred - sharp).abs().flatten(1).amax(1) > 1e-6
+    assert torch.equal(changed, r.strong["blur"])  # exactly the samples drawn for blur are blurred
+
+
 def bad_inputs(tmp_path):
     write_imagefolder(tmp_path / "ok")
     write_imagefolder(tmp_path / "empty")
