@@ -120,7 +120,8 @@ def one_shot(test_z, test_y, exemplar_z, prototypes):
 
 def summarize(run_dirs, plot=None):
     """Results table of several runs (their config.json, metrics.jsonl and eval.json): ReSA against
-    OSESSL mean +- spread over exemplar seeds, per dataset and epoch count; optionally a plot of
+    OSESSL mean +- spread over exemplar seeds, per dataset, epoch count and OSESSL exemplar-forward
+    setting (--exemplar-select / --exemplar-bn, one row each); optionally a plot of
     5-NN accuracy, neighbour precision and assignment entropies against epoch."""
     import json
     import os
@@ -135,23 +136,27 @@ def summarize(run_dirs, plot=None):
             if os.path.exists(os.path.join(d, "eval.json")):
                 final.update(json.load(open(os.path.join(d, "eval.json"))))
             arm = "ReSA" if cfg["lambda_proto"] == 0 and cfg["mu_mix"] == 0 else "OSESSL"
-            runs.append(dict(dir=d, arm=arm, seed=cfg["exemplar_seed"], dataset=dataset_name(cfg["dataset"], cfg["data_dir"]),
+            setting = f"{cfg.get('exemplar_select', 'online')}/{cfg.get('exemplar_bn', 'alone')}" if arm == "OSESSL" else ""
+            runs.append(dict(dir=d, arm=arm, setting=setting, seed=cfg["exemplar_seed"], dataset=dataset_name(cfg["dataset"], cfg["data_dir"]),
                              epochs=rows[-1]["epoch"], final=final, rows=rows, classes=cfg["num_classes"]))
         except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
             raise UsageError(f"{d}: not a run directory written by osessl.py ({type(e).__name__}: {e})") from None
-    print(f"{'dataset':<12} {'epochs':>6} {'protocol':<62} {'ReSA':>7} {'OSESSL (mean +- sd, seeds)':>30} {'gain':>6}")
+    print(f"{'dataset':<12} {'epochs':>6} {'protocol':<62} {'select/bn':<15} {'ReSA':>7} "
+          f"{'OSESSL (mean +- sd, seeds)':>30} {'gain':>6}")
     for key in sorted({(r["dataset"], r["epochs"]) for r in runs}):
         group = [r for r in runs if (r["dataset"], r["epochs"]) == key]
+        settings = sorted({r["setting"] for r in group if r["arm"] == "OSESSL"}) or [""]
         for proto, name in PROTOCOLS.items():
             base = [r["final"][proto] for r in group if r["arm"] == "ReSA" and proto in r["final"]]
-            ours = [r["final"][proto] for r in group if r["arm"] == "OSESSL" and proto in r["final"]]
-            if not base and not ours:
-                continue
-            b = f"{statistics.mean(base):7.2f}" if base else f"{'-':>7}"
-            sd = statistics.stdev(ours) if len(ours) > 1 else 0.0
-            o = f"{statistics.mean(ours):.2f} +- {sd:.2f} ({len(ours)})" if ours else "-"
-            gain = f"{statistics.mean(ours) - statistics.mean(base):+6.2f}" if base and ours else f"{'-':>6}"
-            print(f"{key[0]:<12} {key[1]:>6} {name:<62} {b} {o:>30} {gain}")
+            for setting in settings:
+                ours = [r["final"][proto] for r in group if r["setting"] == setting and r["arm"] == "OSESSL" and proto in r["final"]]
+                if not base and not ours:
+                    continue
+                b = f"{statistics.mean(base):7.2f}" if base else f"{'-':>7}"
+                sd = statistics.stdev(ours) if len(ours) > 1 else 0.0
+                o = f"{statistics.mean(ours):.2f} +- {sd:.2f} ({len(ours)})" if ours else "-"
+                gain = f"{statistics.mean(ours) - statistics.mean(base):+6.2f}" if base and ours else f"{'-':>6}"
+                print(f"{key[0]:<12} {key[1]:>6} {name:<62} {setting:<15} {b} {o:>30} {gain}")
     if plot:
         import matplotlib
         matplotlib.use("Agg")
@@ -162,7 +167,7 @@ def summarize(run_dirs, plot=None):
                   ("usage_entropy", "entropy / log C: batch usage (-), per image (--)")]
         fig, axes = plt.subplots(1, 3, figsize=(15, 4))
         for r in runs:
-            label = "ReSA" if r["arm"] == "ReSA" else f"OSESSL, exemplar seed {r['seed']}"
+            label = "ReSA" if r["arm"] == "ReSA" else f"OSESSL {r['setting']}, exemplar seed {r['seed']}"
             color = "black" if r["arm"] == "ReSA" else None
             for ax, (key, title) in zip(axes, panels):
                 curve = [(row["epoch"], row[key]) for row in r["rows"] if key in row]
