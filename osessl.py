@@ -1071,7 +1071,7 @@ def check_checkpoint(ck, path):
     except UsageError as e:
         bad(f"its config: {e}")
     if ck["num_classes"] < 2 or ck["step"] < 0 or ck["epoch"] < 0:
-        bad(f"num_classes {ck['num_classes']}, step {ck['step']}, epoch {ck['epoch']}")
+        bad(f"its num_classes, step or epoch is out of range ({ck['num_classes']}, {ck['step']}, {ck['epoch']})")
     with torch.device("meta"):  # the networks its config describes, without allocating them
         ref = Network(cfg.width, cfg.proj_hidden, cfg.proj_dim, cfg.stem)
     shapes = {k: v.shape for k, v in ref.state_dict().items()}
