@@ -1,0 +1,20 @@
+#!/bin/bash
+# CPU study of issue 12 on a frozen checkout of commit 9c0a66e (/tmp/study_code): 4 exemplar-forward
+# settings x exemplar seeds 0, 1; two single-threaded runs at a time.
+# Ran on 2026-11-24 on the 2-core CPU machine. Only the first two jobs of each worker (online/alone and
+# momentum/alone, seeds 0 and 1) were run; the joint settings are still to do.
+cd /tmp/study_code
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONUNBUFFERED=1
+PY=/work/main/.venv/bin/python
+R=/work/main/runs/xf
+C="--dataset imagefolder --data-dir data/cifar10 --width 16 --train-limit 2560 --test-limit 1000 --epochs 20 --eval-every 5 --batch-size 128 --bank-size 1024"
+one() {  # select bn seed
+  d=$R/$1-$2-s$3
+  $PY osessl.py $C --exemplar-select $1 --exemplar-bn $2 --exemplar-seed $3 --out $d > $d.log 2>&1
+  $PY knn_eval.py --checkpoint $d/last.pt --data-dir data/cifar10 --linear >> $d.log 2>&1
+}
+worker() { for job in "$@"; do set -- $job; one "$1" "$2" "$3"; done; }
+worker "online alone 0" "momentum alone 0" "online joint 0" "momentum joint 0" &
+worker "online alone 1" "momentum alone 1" "online joint 1" "momentum joint 1" &
+wait
+echo ALL DONE > $R/done
