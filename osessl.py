@@ -18,6 +18,7 @@ Run (the same file with or without a launcher):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -156,9 +157,13 @@ RUN_CONTROL = ("out", "overwrite", "resume", "max_steps", "compile", "compile_mo
                "data_on")
 
 
+CHOICES = dict(dataset=("cifar10", "cifar100", "imagefolder", "synthetic"), data_on=("auto", "device", "host"),
+               exemplar_select=("online", "momentum"), exemplar_bn=("alone", "joint"), stem=("auto", "cifar", "imagenet"),
+               blur=("auto", "on", "off"), dispersion=("mean", "logsumexp"),
+               compile_mode=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
+
+
 def check_config(cfg: Config):
-    if cfg.dataset not in ("cifar10", "cifar100", "imagefolder", "synthetic"):
-        raise UsageError(f"unknown --dataset {cfg.dataset!r}: use cifar10, cifar100, imagefolder or synthetic")
     if cfg.image_size and not 8 <= cfg.image_size <= 4096:
         raise UsageError(f"--image-size must lie in 8..4096 pixels (0 = the images' own size), got {cfg.image_size}")
     positive = dict(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, k=cfg.k, bank_size=cfg.bank_size,
@@ -178,17 +183,10 @@ def check_config(cfg: Config):
         raise UsageError(f"--k {cfg.k} is larger than the memory bank (--bank-size {cfg.bank_size}): lower k or enlarge the bank")
     if not 0 <= cfg.alpha <= 1:
         raise UsageError(f"--alpha must lie in [0, 1], got {cfg.alpha}")
-    for flag, value, choices in (("exemplar-select", cfg.exemplar_select, ("online", "momentum")),
-                                 ("exemplar-bn", cfg.exemplar_bn, ("alone", "joint")),
-                                 ("data-on", cfg.data_on, ("auto", "device", "host")),
-                                 ("stem", cfg.stem, ("auto", "cifar", "imagenet")), ("blur", cfg.blur, ("auto", "on", "off"))):
+    for name, choices in CHOICES.items():
+        value = getattr(cfg, name)
         if value not in choices:
-            raise UsageError(f"unknown --{flag} {value!r}: use {' or '.join(choices)}")
-    if cfg.dispersion not in ("mean", "logsumexp"):
-        raise UsageError(f"unknown --dispersion {cfg.dispersion!r}: use mean or logsumexp")
-    if cfg.compile_mode not in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
-        raise UsageError(f"unknown --compile-mode {cfg.compile_mode!r}: use default, reduce-overhead, max-autotune "
-                         f"or max-autotune-no-cudagraphs")
+            raise UsageError(f"unknown --{name.replace('_', '-')} {value!r}: use {', '.join(choices[:-1])} or {choices[-1]}")
 
 
 # ============ 2. Data and the one-shot setting (METHOD.md section 1) ============
@@ -261,19 +259,21 @@ def image_size_of(path):
         return f"{type(e).__name__}"
 
 
-def parallel_map(fn, items, what, workers=None):
-    """fn over items on every CPU core (in order), with a progress line every 10 s for long jobs."""
+def map_images(fn, paths, what, workers=None):
+    """fn over image files on every CPU core (in order), with a progress line every 10 s for long
+    jobs; an unreadable file (fn returned an error string) stops the run with one line naming it."""
     from concurrent.futures import ProcessPoolExecutor
     workers = workers or os.cpu_count() or 1
-    if workers == 1 or len(items) < 2000:
-        yield from map(fn, items)
-        return
+    serial = workers == 1 or len(paths) < 2000  # small folders: worker start-up would cost more
     t0 = t_print = time.time()
-    with ProcessPoolExecutor(workers) as pool:
-        for i, out in enumerate(pool.map(fn, items, chunksize=256)):
+    with contextlib.nullcontext() if serial else ProcessPoolExecutor(workers) as pool:
+        results = map(fn, paths) if serial else pool.map(fn, paths, chunksize=256)
+        for i, (path, out) in enumerate(zip(paths, results)):
+            if isinstance(out, str):
+                raise UsageError(f"cannot read image {path} ({out}): remove or replace the file")
             if time.time() - t_print > 10:
                 t_print = time.time()
-                print(f"  {what}: {i}/{len(items)} ({i / (t_print - t0):.0f}/s, {workers} processes)", flush=True)
+                print(f"  {what}: {i}/{len(paths)} ({i / (t_print - t0):.0f}/s, {workers} processes)", flush=True)
             yield out
 
 
@@ -293,10 +293,7 @@ def load_imagefolder_split(root, split, size=0):
         pass  # no cache yet, or an unreadable or foreign one: decode (and rewrite it)
     paths = [p for p, _ in files]
     if not size:  # the images' own size: only when they all share one square size
-        sizes = list(parallel_map(image_size_of, paths, f"reading {split} image sizes"))
-        for p, s in zip(paths, sizes):
-            if isinstance(s, str):
-                raise UsageError(f"cannot read image {p} ({s}): remove or replace the file")
+        sizes = list(map_images(image_size_of, paths, f"reading {split} image sizes"))
         odd = next(((p, s) for p, s in zip(paths, sizes) if s != sizes[0] or s[0] != s[1]), None)
         if odd:
             what = f"{paths[0]} is {sizes[0][0]}x{sizes[0][1]}" + (f", {odd[0]} {odd[1][0]}x{odd[1][1]}" if odd[1] != sizes[0] else "")
@@ -308,11 +305,7 @@ def load_imagefolder_split(root, split, size=0):
         raise UsageError(f"{root}/{split} at {size} x {size} px needs {need / 2 ** 30:.2f} GiB, more than this machine's "
                          f"{host_memory_bytes() / 2 ** 30:.2f} GiB of free memory: give a smaller --image-size")
     x = torch.empty(len(files), 3, size, size, dtype=torch.uint8)
-    for i, (p, img) in enumerate(zip(paths, parallel_map(partial(decode_image, size=size), paths, f"decoding {split}"))):
-        if isinstance(img, str):
-            raise UsageError(f"cannot read image {p} ({img}): remove or replace the file")
-        if img.shape != (size, size, 3):
-            raise UsageError(f"image {p} is {img.shape[1]}x{img.shape[0]}, others are {size}x{size}: give --image-size S")
+    for i, img in enumerate(map_images(partial(decode_image, size=size), paths, f"decoding {split}")):
         x[i] = torch.from_numpy(img).permute(2, 0, 1)
     tmp = f"{cache}.{os.getpid()}.tmp"  # several runs may start at once on the same data
     try:
@@ -371,8 +364,9 @@ def load_data(cfg):
 def settle(cfg, size):
     """The settings that follow the image size S, made concrete (config.json and checkpoints record them)."""
     large = size > 64
-    return replace(cfg, stem={"auto": "imagenet" if large else "cifar"}.get(cfg.stem, cfg.stem),
-                   blur={"auto": "on" if large else "off"}.get(cfg.blur, cfg.blur))
+    stem = ("imagenet" if large else "cifar") if cfg.stem == "auto" else cfg.stem
+    blur = ("on" if large else "off") if cfg.blur == "auto" else cfg.blur
+    return replace(cfg, stem=stem, blur=blur)
 
 
 def device_free_bytes(device):
@@ -1207,6 +1201,7 @@ def train(cfg, rank=0, world=1, device=None):
     in_use = torch.cat([u_idx, ex_idx]).unique()  # k-NN memory: the training images in use
     eval_x, eval_y = train_x[in_use.to(store)], train_y[in_use].to(device)
     test_y, u_store = test_y.to(device), u_idx.to(store)
+    to_device = lambda t: (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
     last = min(cfg.max_steps or total, total)
     with Preemption(world) as stop:
         t_epoch, t_print, seen, first_bad, perm = time.time(), time.time(), 0, None, None
@@ -1217,8 +1212,7 @@ def train(cfg, rank=0, world=1, device=None):
             ids = perm[i * Bg:(i + 1) * Bg]
             images = train_x[ids[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]]
             if not on_device:  # --data-on host: this step's images and ids to the device, without waiting
-                pin = (lambda t: t.pin_memory()) if device.type == "cuda" else (lambda t: t)
-                images, ids = (pin(t).to(device, non_blocking=True) for t in (images, ids))
+                images, ids = (to_device(t) for t in (images, ids))
             rnd = step_randomness(cfg.seed, step, Bg, num_classes, cfg.zeta, device, train_x.shape[-1], cfg.blur == "on")
             losses = training_step(run, *run.augment(run, images, rnd), ids, rnd, lr_schedule(step, total, warmup, peak_lr, cfg.final_lr_ratio),
                                    ema_schedule(step, total, cfg.ema_start))
