@@ -47,37 +47,39 @@ class UsageError(Exception):
 
 
 # ============ 1. Config: the paper's CIFAR settings (METHOD.md section 7) ============
-def opt(default, help):
-    return field(default=default, metadata={"help": help})
+def opt(default, help, choices=()):
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass
 class Config:
     # data
-    dataset: str = opt("cifar100", "cifar10 | cifar100 (torchvision, downloaded into --data-dir) | "
-                       "imagefolder (DIR/train/<class>/*, DIR/test/<class>/*) | synthetic (generated, no files)")
+    dataset: str = opt("cifar100", "cifar10 | cifar100 (torchvision, downloaded into --data-dir) | imagefolder "
+                       "(DIR/train/<class>/*, DIR/test/<class>/*) | synthetic (generated, no files)",
+                       ("cifar10", "cifar100", "imagefolder", "synthetic"))
     data_dir: str = opt("./data", "where CIFAR is downloaded, or the ImageFolder root holding train/ and test/")
-    train_limit: int = opt(0, "use only this many unlabeled training images (seeded subset; 0 = all), for quick CPU runs")
+    train_limit: int = opt(0, "use only this many unlabeled training images (seeded subset; 0 = all)")
     test_limit: int = opt(0, "evaluate on only this many test images (seeded subset; 0 = all)")
     synthetic_classes: int = opt(10, "number of classes of --dataset synthetic")
-    synthetic_per_class: int = opt(64, "training images per class of --dataset synthetic (a quarter as many test images)")
-    image_size: int = opt(0, "imagefolder: every image is resized (short side) and centre-cropped once, when decoded, to "
+    synthetic_per_class: int = opt(64, "training images per class of --dataset synthetic (a quarter as many to test)")
+    image_size: int = opt(0, "imagefolder: resize (short side) and centre-crop every image once, when decoded, to "
                           "this square size (0 = the images' own size, when they all share one square size)")
-    data_on: str = opt("auto", "where the uint8 images live: device | host (pinned memory; each step's batch is copied "
-                       "to the device) | auto (the device when the splits take at most half of its free memory)")
+    data_on: str = opt("auto", "where the uint8 images live: device | host (pinned; each batch copied to the device) "
+                       "| auto (the device when the splits take at most half of its free memory)",
+                       ("auto", "device", "host"))
     # one-shot split
     exemplar_seed: int = opt(0, "seed that draws the one labeled exemplar per class")
     exemplars: str = opt("", "JSON file with a list of training indices, one per class (overrides --exemplar-seed)")
     keep_exemplars_in_unlabeled: bool = opt(False, "paper silent; our default removes the exemplars from D_u")
-    exemplar_select: str = opt("online", "paper silent: which network's exemplar embedding scores the bank (discriminative "
-                               "score, top-k): online (z_l) | momentum (the network that fills the bank); members and "
-                               "weights stay online")
-    exemplar_bn: str = opt("alone", "paper silent: the exemplars are forwarded as their own BatchNorm batch (alone) or in "
-                           "one batch with the weak views (joint)")
+    exemplar_select: str = opt("online", "paper silent: which network's exemplar embedding scores the bank "
+                               "(discriminative score, top-k): online (z_l) | momentum (the network that fills the "
+                               "bank); members and weights stay online", ("online", "momentum"))
+    exemplar_bn: str = opt("alone", "paper silent: the exemplars are forwarded as their own BatchNorm batch (alone) "
+                           "or in one batch with the weak views (joint)", ("alone", "joint"))
     # networks
     width: int = opt(64, "ResNet-18 base width (64 = the real ResNet-18; tests use 8 or 16 to run fast)")
-    stem: str = opt("auto", "ResNet stem: cifar (3x3 conv, no max-pool) | imagenet (torchvision's 7x7/2 conv + max-pool) | "
-                    "auto (cifar up to 64 px, imagenet above)")
+    stem: str = opt("auto", "ResNet stem: cifar (3x3 conv, no max-pool) | imagenet (torchvision's 7x7/2 conv + "
+                    "max-pool) | auto (cifar up to 64 px, imagenet above)", ("auto", "cifar", "imagenet"))
     proj_hidden: int = opt(2048, "projector hidden size")
     proj_dim: int = opt(512, "projector output size d")
     # optimisation
@@ -103,8 +105,10 @@ class Config:
     tau_t: float = opt(0.04, "teacher temperature (sharper)")
     zeta: float = opt(1.0, "mixup Beta(zeta, zeta) parameter; paper silent, 1.0 = uniform")
     blur: str = opt("auto", "Gaussian blur in the strong view, p=0.5, sigma in [0.1, 2] px, kernel 2 round(S/20) + 1 "
-                    "(ReSA's ImageNet recipe; the paper is silent): on | off | auto (on above 64 px)")
-    dispersion: str = opt("mean", "mean (the paper's text) | logsumexp (contrastive form, pushes closest pairs hardest)")
+                    "(ReSA's ImageNet recipe; the paper is silent): on | off | auto (on above 64 px)",
+                    ("auto", "on", "off"))
+    dispersion: str = opt("mean", "mean (the paper's text) | logsumexp (contrastive form, pushes closest pairs "
+                          "hardest)", ("mean", "logsumexp"))
     # run
     seed: int = opt(0, "seed of the network init, epoch permutations and augmentation")
     eval_every: int = opt(10, "k-NN evaluation every this many epochs (and after the last); 0 = only at the end")
@@ -112,18 +116,28 @@ class Config:
     out: str = opt("", "run directory (default runs/<dataset>-<method>-<timestamp>)")
     overwrite: bool = opt(False, "allow writing into a --out that already holds another run")
     resume: str = opt("", "checkpoint (last.pt) to continue from")
-    compile: bool = opt(False, "torch.compile the augmentation and the whole objective (networks, Sinkhorn, prototypes, losses)")
-    compile_mode: str = opt("default", "torch.compile mode with --compile: default | reduce-overhead (CUDA graphs) | "
-                            "max-autotune | max-autotune-no-cudagraphs")
+    compile: bool = opt(False, "torch.compile the augmentation and the whole objective (networks, Sinkhorn, "
+                        "prototypes, losses)")
+    compile_mode: str = opt("default", "torch.compile mode with --compile (reduce-overhead: CUDA graphs)",
+                            ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
     device: str = opt("", "cuda | cpu (default: cuda when available)")
-    benchmark: bool = opt(False, "time the training step and its data pipelines, print a table, and exit (no run directory)")
-    benchmark_steps: int = opt(20, "timed steps per repeat of --benchmark (5 repeats, median reported, after 5 warm-up steps)")
-    float64: bool = opt(False, "CPU only: compute in float64 (tests use it to tell real differences from float32 roundoff)")
+    benchmark: bool = opt(False, "time the training step and its data pipelines, print a table, and exit")
+    benchmark_steps: int = opt(20, "timed steps per repeat of --benchmark (median of 5 repeats, after 5 warm-up steps)")
+    float64: bool = opt(False, "CPU only: compute in float64 (tests use it to tell real differences from roundoff)")
 
     @property
     def uses_exemplars(self):
         """False for plain ReSA (lambda = mu = 0): exemplars are then not even forwarded."""
         return self.lambda_proto > 0 or self.mu_mix > 0
+
+
+# settings of how a run is carried out, not of what it learns: a resumed run takes them from its command line
+RUN_CONTROL = ("out", "overwrite", "resume", "max_steps", "compile", "compile_mode", "device", "benchmark",
+               "benchmark_steps", "data_on")
+POSITIVE = ("epochs", "batch_size", "lr", "k", "bank_size", "sinkhorn_eps", "resa_temp", "tau_w", "tau_s", "tau_t",
+            "zeta", "width", "sinkhorn_iters")
+NON_NEGATIVE = ("lambda_proto", "mu_mix", "weight_decay", "warmup_epochs", "final_lr_ratio", "eval_every", "max_steps",
+                "train_limit", "test_limit")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -153,40 +167,23 @@ def parse_config(argv=None) -> Config:
     return cfg
 
 
-RUN_CONTROL = ("out", "overwrite", "resume", "max_steps", "compile", "compile_mode", "device", "benchmark", "benchmark_steps",
-               "data_on")
-
-
-CHOICES = dict(dataset=("cifar10", "cifar100", "imagefolder", "synthetic"), data_on=("auto", "device", "host"),
-               exemplar_select=("online", "momentum"), exemplar_bn=("alone", "joint"), stem=("auto", "cifar", "imagenet"),
-               blur=("auto", "on", "off"), dispersion=("mean", "logsumexp"),
-               compile_mode=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
-
-
 def check_config(cfg: Config):
+    flag = lambda name: "--" + name.replace("_", "-")
     if cfg.image_size and not 8 <= cfg.image_size <= 4096:
         raise UsageError(f"--image-size must lie in 8..4096 pixels (0 = the images' own size), got {cfg.image_size}")
-    positive = dict(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, k=cfg.k, bank_size=cfg.bank_size,
-                    sinkhorn_eps=cfg.sinkhorn_eps, resa_temp=cfg.resa_temp, tau_w=cfg.tau_w, tau_s=cfg.tau_s,
-                    tau_t=cfg.tau_t, zeta=cfg.zeta, width=cfg.width, sinkhorn_iters=cfg.sinkhorn_iters)
-    for name, value in positive.items():
-        if not value > 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    non_negative = dict(lambda_proto=cfg.lambda_proto, mu_mix=cfg.mu_mix, weight_decay=cfg.weight_decay, warmup_epochs=cfg.warmup_epochs, final_lr_ratio=cfg.final_lr_ratio,
-                        eval_every=cfg.eval_every, max_steps=cfg.max_steps, train_limit=cfg.train_limit, test_limit=cfg.test_limit)
-    for name, value in non_negative.items():
-        if value < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
-    if not 0 <= cfg.ema_start <= 1:
-        raise UsageError(f"--ema-start must lie in [0, 1], got {cfg.ema_start}")
+    for f in fields(cfg):
+        value, choices = getattr(cfg, f.name), f.metadata["choices"]
+        if f.name in POSITIVE and not value > 0:
+            raise UsageError(f"{flag(f.name)} must be positive, got {value}")
+        if f.name in NON_NEGATIVE and value < 0:
+            raise UsageError(f"{flag(f.name)} must be >= 0, got {value}")
+        if f.name in ("ema_start", "alpha") and not 0 <= value <= 1:
+            raise UsageError(f"{flag(f.name)} must lie in [0, 1], got {value}")
+        if choices and value not in choices:
+            raise UsageError(f"unknown {flag(f.name)} {value!r}: use {', '.join(choices[:-1])} or {choices[-1]}")
     if cfg.k > cfg.bank_size:
-        raise UsageError(f"--k {cfg.k} is larger than the memory bank (--bank-size {cfg.bank_size}): lower k or enlarge the bank")
-    if not 0 <= cfg.alpha <= 1:
-        raise UsageError(f"--alpha must lie in [0, 1], got {cfg.alpha}")
-    for name, choices in CHOICES.items():
-        value = getattr(cfg, name)
-        if value not in choices:
-            raise UsageError(f"unknown --{name.replace('_', '-')} {value!r}: use {', '.join(choices[:-1])} or {choices[-1]}")
+        raise UsageError(f"--k {cfg.k} is larger than the memory bank (--bank-size {cfg.bank_size}): lower k or "
+                         "enlarge the bank")
 
 
 # ============ 2. Data and the one-shot setting (METHOD.md section 1) ============
@@ -223,7 +220,7 @@ def _list_split(root, split):
         d = os.path.join(top, name)
         names = sorted(n for n in os.listdir(d) if n.lower().endswith(IMG_EXTENSIONS) and not n.startswith("."))
         if not names:
-            raise UsageError(f"empty class folder {d}: every class needs at least one image ({' '.join(IMG_EXTENSIONS)})")
+            raise UsageError(f"empty class folder {d}: every class needs an image ({' '.join(IMG_EXTENSIONS)})")
         files += [(os.path.join(d, n), c) for n in names]
     return classes, files
 
@@ -250,15 +247,6 @@ def decode_image(path, size=0):
         return f"{type(e).__name__}"
 
 
-def image_size_of(path):
-    from PIL import Image
-    try:
-        with Image.open(path) as im:  # reads the header only
-            return im.size
-    except Exception as e:
-        return f"{type(e).__name__}"
-
-
 def map_images(fn, paths, what, workers=None):
     """fn over image files on every CPU core (in order), with a progress line every 10 s for long
     jobs; an unreadable file (fn returned an error string) stops the run with one line naming it."""
@@ -278,42 +266,47 @@ def map_images(fn, paths, what, workers=None):
 
 
 def load_imagefolder_split(root, split, size=0):
-    """Decode DIR/split/<class>/* once into uint8 (N, 3, S, S); cached next to the data when writable."""
+    """Decode DIR/split/<class>/* once into uint8 (N, 3, S, S); cached next to the data when writable.
+    size 0: the images' own size, which must be one square size for all."""
     classes, files = _list_split(root, split)
-    key = hashlib.sha1(json.dumps([size] + [(os.path.relpath(p, root), os.path.getsize(p)) for p, _ in files]).encode()).hexdigest()
+    paths, labels = [p for p, _ in files], torch.tensor([c for _, c in files])
+    key = hashlib.sha1(json.dumps([size] + [(os.path.relpath(p, root), os.path.getsize(p)) for p in paths]).encode())
     cache = os.path.join(root, f".osessl-cache-{split}.pt")
-    labels = torch.tensor([c for _, c in files])
     try:  # tensors and plain data only: a crafted cache cannot run code, a wrong one is decoded anew
         c = torch.load(cache, weights_only=True)
         x = c["x"]
-        if c["key"] == key and x.dtype == torch.uint8 and x.dim() == 4 and x.shape[:2] == (len(files), 3) \
+        if c["key"] == key.hexdigest() and x.dtype == torch.uint8 and x.dim() == 4 and x.shape[:2] == (len(files), 3) \
                 and (not size or x.shape[2:] == (size, size)) and torch.equal(c["y"], labels):
             return x, labels, classes
     except Exception:
         pass  # no cache yet, or an unreadable or foreign one: decode (and rewrite it)
-    paths = [p for p, _ in files]
-    if not size:  # the images' own size: only when they all share one square size
-        sizes = list(map_images(image_size_of, paths, f"reading {split} image sizes"))
-        odd = next(((p, s) for p, s in zip(paths, sizes) if s != sizes[0] or s[0] != s[1]), None)
-        if odd:
-            what = f"{paths[0]} is {sizes[0][0]}x{sizes[0][1]}" + (f", {odd[0]} {odd[1][0]}x{odd[1][1]}" if odd[1] != sizes[0] else "")
-            raise UsageError(f"the images are not all of one square size ({what}): give --image-size S to resize and "
-                             f"centre-crop them to S x S")
-        size = sizes[0][0]
-    need = len(files) * 3 * size * size
-    if need > host_memory_bytes():
-        raise UsageError(f"{root}/{split} at {size} x {size} px needs {need / 2 ** 30:.2f} GiB, more than this machine's "
-                         f"{host_memory_bytes() / 2 ** 30:.2f} GiB of free memory: give a smaller --image-size")
-    x = torch.empty(len(files), 3, size, size, dtype=torch.uint8)
+    S = size or next(map_images(image_size_of, paths[:1], ""))[0]  # size 0: the first image's width
+    need, have = len(files) * 3 * S * S, host_memory_bytes()
+    if need > have:
+        raise UsageError(f"{root}/{split} at {S} x {S} px needs {need / 2 ** 30:.2f} GiB, more than this machine's "
+                         f"{have / 2 ** 30:.2f} GiB of free memory: give a smaller --image-size")
+    x = torch.empty(len(files), 3, S, S, dtype=torch.uint8)
     for i, img in enumerate(map_images(partial(decode_image, size=size), paths, f"decoding {split}")):
+        if img.shape != (S, S, 3):  # only without --image-size
+            raise UsageError(f"the images are not all of one square size ({paths[i]} is {img.shape[1]}x{img.shape[0]}"
+                             f", {paths[0]} {S} wide): give --image-size S to resize and centre-crop them to S x S")
         x[i] = torch.from_numpy(img).permute(2, 0, 1)
     tmp = f"{cache}.{os.getpid()}.tmp"  # several runs may start at once on the same data
     try:
-        torch.save({"key": key, "x": x, "y": labels}, tmp)
+        torch.save({"key": key.hexdigest(), "x": x, "y": labels}, tmp)
         os.replace(tmp, cache)
     except OSError:
         pass  # read-only data directory: decode again next time
     return x, labels, classes
+
+
+def image_size_of(path):
+    from PIL import Image
+    try:
+        with Image.open(path) as im:  # reads the header only
+            return im.size
+    except Exception as e:
+        return f"{type(e).__name__}"
 
 
 def host_memory_bytes():
@@ -373,36 +366,28 @@ def device_free_bytes(device):
     return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else host_memory_bytes()
 
 
-def data_on_device(cfg, device, nbytes):
-    """--data-on: keep the uint8 splits on the training device when they fit (auto: in at most half of
-    its free memory, the rest being the networks'), else in pinned host memory."""
-    if cfg.data_on != "auto":
-        return cfg.data_on == "device"
-    return nbytes <= device_free_bytes(device) / 2
-
-
 def select_exemplars(cfg, train_y, num_classes):
     """D_l: one training index per class, entry c holding class c. Drawn with --exemplar-seed (this
     simulates the annotator, who looks at labels) or read from --exemplars."""
     if cfg.exemplars:
+        where = f"--exemplars {cfg.exemplars}"
         try:
             with open(cfg.exemplars) as f:
                 idx = json.load(f)
         except (OSError, ValueError) as e:
-            raise UsageError(f"--exemplars {cfg.exemplars}: not a readable JSON list ({e})") from None
-        if not isinstance(idx, list) or not all(isinstance(i, int) for i in idx):
-            raise UsageError(f"--exemplars {cfg.exemplars}: expected a JSON list of integer training indices")
+            raise UsageError(f"{where}: not a readable JSON list ({e})") from None
+        if not isinstance(idx, list) or not all(type(i) is int for i in idx):
+            raise UsageError(f"{where}: expected a JSON list of integer training indices")
         if len(idx) != num_classes:
-            raise UsageError(f"--exemplars {cfg.exemplars} holds {len(idx)} indices, the dataset has {num_classes} classes: give one per class")
-        bad = [i for i in idx if not 0 <= i < len(train_y)]
-        if bad:
-            raise UsageError(f"--exemplars {cfg.exemplars}: index {bad[0]} is out of range (0..{len(train_y) - 1})")
-        idx = torch.tensor(idx)
+            raise UsageError(f"{where} holds {len(idx)} indices, the dataset has {num_classes} classes: one per class")
+        out = [i for i in idx if not 0 <= i < len(train_y)]
+        if out:
+            raise UsageError(f"{where}: index {out[0]} is out of range (0..{len(train_y) - 1})")
         classes = train_y[idx]
-        if len(set(classes.tolist())) != num_classes:
-            dup = [c for c in classes.tolist() if (classes == c).sum() > 1][0]
-            raise UsageError(f"--exemplars {cfg.exemplars}: class {dup} appears more than once: give one image per class")
-        return idx[classes.argsort()]
+        if len(classes.unique()) != num_classes:
+            dup = int(classes.bincount().argmax())
+            raise UsageError(f"{where}: class {dup} appears more than once: give one image per class")
+        return torch.tensor(idx)[classes.argsort()]
     g = torch.Generator().manual_seed(cfg.exemplar_seed)
     picks = []
     for c in range(num_classes):
@@ -420,7 +405,8 @@ def unlabeled_indices(cfg, n_train, exemplar_idx):
         keep[exemplar_idx] = False
     idx = keep.nonzero().flatten()
     if cfg.train_limit and cfg.train_limit < len(idx):
-        idx = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.train_limit]].sort().values
+        subset = torch.randperm(len(idx), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.train_limit]
+        idx = idx[subset].sort().values
     return idx
 
 
@@ -470,7 +456,8 @@ def sample_view_params(n, g, size=32, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), tr
     flip, jitter, u = rand(n) < 0.5, rand(n) < 0.8, rand(n, 4)
     # ColorJitter(0.4, 0.4, 0.2, 0.1): brightness, contrast, saturation factors in 1 +- v, hue shift in 0 +- 0.1
     # (Python constants, not a torch.tensor: on a GPU that would be a host-to-device copy, which waits)
-    factors = torch.stack([c + v * (2 * u[:, i] - 1) for i, (c, v) in enumerate(((1, 0.4), (1, 0.4), (1, 0.2), (0, 0.1)))], 1)
+    centre_spread = ((1, 0.4), (1, 0.4), (1, 0.2), (0, 0.1))
+    factors = torch.stack([c + v * (2 * u[:, i] - 1) for i, (c, v) in enumerate(centre_spread)], 1)
     return dict(box=torch.stack([top, left, h, w], 1), flip=flip, jitter=jitter, factors=factors,
                 order=rand(n, 4).argsort(1), gray=rand(n) < 0.2, solarize=rand(n) < 0.2)
 
@@ -940,8 +927,10 @@ def objective(run, x1, x2, ids, rnd):
         loss = loss + cfg.lambda_proto * (losses["align"] + losses["disp"])
         if cfg.mu_mix > 0:
             own = torch.arange(B, device=beta.device) + run.rank * B
-            losses["mix_proto"] = mix_proto_loss(z[2], protos.detach(), interpolation_targets(beta, t1[rows], t2[partner]), cfg.tau_s)
-            losses["mix_ins"] = mix_instance_loss(z[2], torch.cat([z1m, z2m]), instance_mix_target(beta, own, partner, Bg), cfg.resa_temp)
+            target = interpolation_targets(beta, t1[rows], t2[partner])
+            losses["mix_proto"] = mix_proto_loss(z[2], protos.detach(), target, cfg.tau_s)
+            target = instance_mix_target(beta, own, partner, Bg)
+            losses["mix_ins"] = mix_instance_loss(z[2], torch.cat([z1m, z2m]), target, cfg.resa_temp)
             loss = loss + cfg.mu_mix * (losses["mix_proto"] + losses["mix_ins"])
     losses["loss"] = loss
     return loss, {k: v.detach() for k, v in losses.items()}, z1m
@@ -1022,7 +1011,8 @@ def read_checkpoint(path):
     except Exception as e:
         code = re.search(r"GLOBAL ([\w.]+)", str(e))  # the object pickle would have to call
         why = f"it holds a Python object ({code[1]}) that only running code could rebuild" if code else type(e).__name__
-        raise UsageError(f"{path} is not a readable checkpoint ({why}); osessl loads tensors and plain data only") from None
+        raise UsageError(f"{path} is not a readable checkpoint ({why}); osessl loads tensors and plain data only") \
+            from None
     check_checkpoint(ck, path)
     return ck
 
@@ -1031,7 +1021,8 @@ def read_checkpoint(path):
 CHECKPOINT_KEYS = dict(config=dict, num_classes=int, step=int, epoch=int, net=dict, momentum=dict, opt=dict, bank=dict,
                        exemplars=torch.Tensor, sums=dict, rng=torch.Tensor)
 # Config fields added after format 1, with the value that reproduces the checkpoints written before them
-LATER_SETTINGS = dict(exemplar_select="online", exemplar_bn="alone", image_size=0, data_on="auto", stem="cifar", blur="off")
+LATER_SETTINGS = dict(exemplar_select="online", exemplar_bn="alone", image_size=0, data_on="auto", stem="cifar",
+                      blur="off")
 
 
 def check_checkpoint(ck, path):
@@ -1041,7 +1032,8 @@ def check_checkpoint(ck, path):
     if not isinstance(ck, dict) or not isinstance(ck.get("format"), int):
         raise UsageError(f"{path} is not an osessl checkpoint")
     if ck["format"] > CHECKPOINT_FORMAT:
-        raise UsageError(f"{path} has format {ck['format']}, newer than this osessl.py ({CHECKPOINT_FORMAT}): update osessl.py")
+        raise UsageError(f"{path} has format {ck['format']}, newer than this osessl.py ({CHECKPOINT_FORMAT}): "
+                         "update osessl.py")
     is_a = lambda v, t: isinstance(v, t) and not (isinstance(v, bool) and t is not bool)
     for key, kind in CHECKPOINT_KEYS.items():
         if key not in ck:
@@ -1084,8 +1076,8 @@ def check_checkpoint(ck, path):
         bad("its 'opt' is not the SGD state of its network")
     bank, K, d = ck["bank"], cfg.bank_size, cfg.proj_dim
     want = dict(feats=(K, d), ids=(K,), ptr=(), filled=())
-    if set(bank) != set(want) or not all(is_a(bank[k], torch.Tensor) and tuple(bank[k].shape) == s for k, s in want.items()) \
-            or not bank["feats"].is_floating_point() or {bank[k].dtype for k in ("ids", "ptr", "filled")} != {torch.long} \
+    if {k: getattr(v, "shape", None) for k, v in bank.items()} != want or not bank["feats"].is_floating_point() \
+            or {bank[k].dtype for k in ("ids", "ptr", "filled")} != {torch.long} \
             or not 0 <= bank["ptr"] < K or not 0 <= bank["filled"] <= K:
         bad(f"its 'bank' is not a memory bank of {K} x {d} (--bank-size, --proj-dim)")
     ex = ck["exemplars"]
@@ -1132,8 +1124,9 @@ def build_run(cfg, rank, world, device, train_x, train_y, ex_idx, num_classes):
                           **({"fused": True} if cuda else {}))
     return SimpleNamespace(cfg=cfg, rank=rank, world=world, net=net, online=online, momentum_net=momentum,
                            objective=compiled(objective), augment=compiled(augment_views),
-                           opt=opt, peak_lr=peak_lr, bank=MemoryBank(cfg.bank_size, cfg.proj_dim, device), mean=mean, std=std,
-                           num_classes=num_classes, labels=train_y.to(device), exemplar_images=train_x[ex_idx].to(device),
+                           opt=opt, peak_lr=peak_lr, bank=MemoryBank(cfg.bank_size, cfg.proj_dim, device), mean=mean,
+                           std=std, num_classes=num_classes, labels=train_y.to(device),
+                           exemplar_images=train_x[ex_idx].to(device),
                            to_net=lambda x: x.contiguous(memory_format=fmt),
                            autocast=lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda))
 
@@ -1151,58 +1144,59 @@ def train(cfg, rank=0, world=1, device=None):
         raise UsageError(f"global batch {Bg} (--batch-size {cfg.batch_size} x {world} processes) is larger than the "
                          f"{len(u_idx)} unlabeled training images: lower --batch-size")
     if Bg > cfg.bank_size:
-        raise UsageError(f"global batch {Bg} exceeds --bank-size {cfg.bank_size}: enlarge the bank or lower --batch-size")
+        raise UsageError(f"global batch {Bg} exceeds --bank-size {cfg.bank_size}: enlarge the bank or lower "
+                         "--batch-size")
     if num_classes < 2:
         raise UsageError("the dataset has fewer than 2 classes: the discriminative score needs at least 2")
     if cfg.uses_exemplars and num_classes < world:
-        raise UsageError(f"{num_classes} classes for {world} processes: each process forwards a share of the exemplars, "
-                         f"so use at most {num_classes} processes")
+        raise UsageError(f"{num_classes} classes for {world} processes: each process forwards a share of the "
+                         f"exemplars, so use at most {num_classes} processes")
     method = "osessl" if cfg.uses_exemplars else "resa"
     out = prepare_run_dir(cfg, method)
 
     # Images live on the device when they fit (--data-on), else in pinned host memory, each step's
     # batch then copied over; the only label tensor the step sees feeds a logged diagnostic.
-    nbytes = train_x.numel() + test_x.numel()
-    on_device = data_on_device(cfg, device, nbytes)
+    nbytes = train_x.numel() + test_x.numel()  # auto: in at most half the free device memory (the rest: networks)
+    on_device = cfg.data_on == "device" or cfg.data_on == "auto" and nbytes <= device_free_bytes(device) / 2
     store = device if on_device else torch.device("cpu")
     train_x, test_x = train_x.to(store), test_x.to(store)
     if not on_device and device.type == "cuda":
         train_x = train_x.pin_memory()
     run = build_run(cfg, rank, world, device, train_x, train_y, ex_idx, num_classes)
-    net, momentum, opt, bank, peak_lr = run.net, run.momentum_net, run.opt, run.bank, run.peak_lr
+    state = dict(net=run.net, momentum=run.momentum_net, opt=run.opt, bank=run.bank)  # what a checkpoint holds
     steps_per_epoch = len(u_idx) // Bg
-    total = cfg.epochs * steps_per_epoch
-    warmup = cfg.warmup_epochs * steps_per_epoch
+    total, warmup = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
+    lr_at = lambda s: lr_schedule(s, total, warmup, run.peak_lr, cfg.final_lr_ratio)
+    m_at = lambda s: ema_schedule(s, total, cfg.ema_start)
     step, sums = 0, {}
     if ck is not None:
-        net.load_state_dict(ck["net"])
-        momentum.load_state_dict(ck["momentum"])
-        opt.load_state_dict(ck["opt"])
-        bank.load_state_dict(ck["bank"])
-        step = ck["step"]
-        sums = {k: v.to(device) for k, v in ck["sums"].items()}
+        for name, part in state.items():
+            part.load_state_dict(ck[name])
+        step, sums = ck["step"], {k: v.to(device) for k, v in ck["sums"].items()}
         torch.set_rng_state(ck["rng"])
 
     def checkpoint():
         if rank == 0:
             save_checkpoint(os.path.join(out, "last.pt"), dict(
-                format=CHECKPOINT_FORMAT, config=asdict(cfg), num_classes=num_classes, step=step, epoch=step // steps_per_epoch,
-                net=net.state_dict(), momentum=momentum.state_dict(), opt=opt.state_dict(), bank=bank.state_dict(),
-                exemplars=ex_idx, sums=sums, rng=torch.get_rng_state()))
+                format=CHECKPOINT_FORMAT, config=asdict(cfg), num_classes=num_classes, step=step,
+                epoch=step // steps_per_epoch, exemplars=ex_idx, sums=sums, rng=torch.get_rng_state(),
+                **{name: part.state_dict() for name, part in state.items()}))
 
     if rank == 0:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump(dict(asdict(cfg), world_size=world, num_classes=num_classes, exemplar_indices=ex_idx.tolist()), f, indent=1)
-        print(f"osessl: {method} on {cfg.dataset} ({len(u_idx)} unlabeled + {num_classes} exemplars, {len(test_x)} test) | "
-              f"{world} process(es) on {device.type}, global batch {Bg}, {steps_per_epoch} steps/epoch | run dir {out}\n"
-              f"  images: {tuple(train_x.shape[1:])} uint8, {nbytes / 2 ** 30:.2f} GiB on {'the device' if on_device else 'the host'} "
-              f"(--data-on {cfg.data_on}); stem {cfg.stem}, blur {cfg.blur}", flush=True)
+            json.dump(dict(asdict(cfg), world_size=world, num_classes=num_classes, exemplar_indices=ex_idx.tolist()),
+                      f, indent=1)
+        where = "the device" if on_device else "the host"
+        print(f"osessl: {method} on {cfg.dataset} ({len(u_idx)} unlabeled + {num_classes} exemplars, "
+              f"{len(test_x)} test) | {world} process(es) on {device.type}, global batch {Bg}, {steps_per_epoch} "
+              f"steps/epoch | run dir {out}\n  images: {tuple(train_x.shape[1:])} uint8, {nbytes / 2 ** 30:.2f} GiB "
+              f"on {where} (--data-on {cfg.data_on}); stem {cfg.stem}, blur {cfg.blur}", flush=True)
     in_use = torch.cat([u_idx, ex_idx]).unique()  # k-NN memory: the training images in use
     eval_x, eval_y = train_x[in_use.to(store)], train_y[in_use].to(device)
     test_y, u_store = test_y.to(device), u_idx.to(store)
     to_device = lambda t: (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
-    last = min(cfg.max_steps or total, total)
+    last, size = min(cfg.max_steps or total, total), train_x.shape[-1]
     with Preemption(world) as stop:
         t_epoch, t_print, seen, first_bad, perm = time.time(), time.time(), 0, None, None
         while step < last:
@@ -1213,9 +1207,8 @@ def train(cfg, rank=0, world=1, device=None):
             images = train_x[ids[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]]
             if not on_device:  # --data-on host: this step's images and ids to the device, without waiting
                 images, ids = (to_device(t) for t in (images, ids))
-            rnd = step_randomness(cfg.seed, step, Bg, num_classes, cfg.zeta, device, train_x.shape[-1], cfg.blur == "on")
-            losses = training_step(run, *run.augment(run, images, rnd), ids, rnd, lr_schedule(step, total, warmup, peak_lr, cfg.final_lr_ratio),
-                                   ema_schedule(step, total, cfg.ema_start))
+            rnd = step_randomness(cfg.seed, step, Bg, num_classes, cfg.zeta, device, size, cfg.blur == "on")
+            losses = training_step(run, *run.augment(run, images, rnd), ids, rnd, lr_at(step), m_at(step))
             # first step at which each term went non-finite, kept on the device (checked once per epoch)
             finite = torch.stack([v.isfinite() for v in losses.values()])
             first_bad = torch.full_like(finite, -1, dtype=torch.long) if first_bad is None else first_bad
@@ -1225,17 +1218,16 @@ def train(cfg, rank=0, world=1, device=None):
             step, seen = step + 1, seen + Bg
             if rank == 0 and time.time() - t_print > 30 and step % steps_per_epoch:
                 t_print = time.time()
-                print(f"  epoch {epoch + 1} step {i + 1}/{steps_per_epoch} | {seen / (time.time() - t_epoch):.0f} img/s", flush=True)
+                rate = seen / (time.time() - t_epoch)
+                print(f"  epoch {epoch + 1} step {i + 1}/{steps_per_epoch} | {rate:.0f} img/s", flush=True)
             interrupted = stop.requested(step)
             if step % steps_per_epoch and step != last and not interrupted:
                 continue
             check_finite(first_bad, list(losses), out)  # before saving: the last good checkpoint stays
             if step % steps_per_epoch == 0:  # a metrics row per completed epoch
                 seconds = time.time() - t_epoch
-                row = dict(epoch=epoch + 1, step=step, **epoch_means(sums, steps_per_epoch, world),
-                           lr=lr_schedule(step - 1, total, warmup, peak_lr, cfg.final_lr_ratio),
-                           momentum=ema_schedule(step - 1, total, cfg.ema_start), seconds=round(seconds, 2),
-                           images_per_s=round(seen / seconds, 1))
+                row = dict(epoch=epoch + 1, step=step, **epoch_means(sums, steps_per_epoch, world), lr=lr_at(step - 1),
+                           momentum=m_at(step - 1), seconds=round(seconds, 2), images_per_s=round(seen / seconds, 1))
                 if rank == 0 and (step == total or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
                     row.update(evaluate(run, eval_x, eval_y, test_x, test_y))
                 sums = {}
@@ -1245,8 +1237,9 @@ def train(cfg, rank=0, world=1, device=None):
             if world > 1:
                 dist.barrier()
             if interrupted:
-                raise Interrupted(f"stopped by {stop.name} at step {step}; checkpoint saved: resume with the same command "
-                                  f"plus --resume {os.path.join(out, 'last.pt')}", 128 + stop.signum)
+                raise Interrupted(f"stopped by {signal.Signals(stop.signum).name} at step {step}; checkpoint saved: "
+                                  f"resume with the same command plus --resume {os.path.join(out, 'last.pt')}",
+                                  128 + stop.signum)
             t_epoch, seen = time.time(), 0
     return out
 
@@ -1264,7 +1257,8 @@ def epoch_means(sums, n, world):
 def log_epoch(out, row, epochs):
     with open(os.path.join(out, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(row) + "\n")
-    terms = " ".join(f"{k} {row[k]:.4f}" for k in ("loss", "resa", "align", "disp", "mix_proto", "mix_ins", "nbr_precision") if k in row)
+    names = ("loss", "resa", "align", "disp", "mix_proto", "mix_ins", "nbr_precision")
+    terms = " ".join(f"{k} {row[k]:.4f}" for k in names if k in row)
     knn = " ".join(f"{k} {v:.2f}%" for k, v in row.items() if k.startswith("knn"))
     print(f"epoch {row['epoch']}/{epochs} | {terms} | lr {row['lr']:.4f} m {row['momentum']:.5f} | "
           f"{row['seconds']:.1f}s {row['images_per_s']:.0f} img/s {knn}".rstrip(), flush=True)
@@ -1304,10 +1298,6 @@ class Preemption:
             self.signum = int(flag)
         return self.signum != 0 if self.world == 1 or step % 10 == 0 else False
 
-    @property
-    def name(self):
-        return signal.Signals(self.signum).name
-
     def __enter__(self):
         return self
 
@@ -1317,23 +1307,19 @@ class Preemption:
 
 
 # ============ 11. Benchmark: where a step's time goes (--benchmark) ============
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_per_call(fn, device, steps, repeats=5, warmup=5):
     """Median seconds per call over `repeats` timed blocks of `steps` calls, after warm-up
     (which also absorbs compilation), with the device synchronised around each block."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
-        _sync(device)
+        sync()
         t = time.perf_counter()
         for _ in range(steps):
             fn()
-        _sync(device)
+        sync()
         times.append((time.perf_counter() - t) / steps)
     return sorted(times)[len(times) // 2]
 
@@ -1368,8 +1354,10 @@ def benchmark(cfg, device):
     B = cfg.batch_size
     if B > len(train_x) or B > cfg.bank_size:
         raise UsageError(f"--batch-size {B} must not exceed the {len(train_x)} training images nor --bank-size")
-    variants = dict(osessl={}, resa=dict(lambda_proto=0.0, mu_mix=0.0), **({"eager": dict(compile=False)} if cfg.compile else {}))
-    runs = {m: build_run(Config(**{**asdict(cfg), **w}), 0, 1, device, train_x, train_y, ex_idx, C) for m, w in variants.items()}
+    variants = dict(osessl={}, resa=dict(lambda_proto=0.0, mu_mix=0.0))
+    if cfg.compile:  # what compilation buys, measured in the same run (a row below)
+        variants["eager"] = dict(compile=False)
+    runs = {m: build_run(replace(cfg, **w), 0, 1, device, train_x, train_y, ex_idx, C) for m, w in variants.items()}
     osessl_run = runs["osessl"]
     counter = iter(range(10 ** 9))
 
@@ -1379,7 +1367,8 @@ def benchmark(cfg, device):
     def batch():  # as in training: a slice of a device-side permutation, no host-device copy
         step = next(counter)
         i = step % per_epoch
-        return perm[i * B:(i + 1) * B], step_randomness(cfg.seed, step, B, C, cfg.zeta, device, train_x.shape[-1], cfg.blur == "on")
+        rnd = step_randomness(cfg.seed, step, B, C, cfg.zeta, device, train_x.shape[-1], cfg.blur == "on")
+        return perm[i * B:(i + 1) * B], rnd
     ids0, rnd0 = batch()
     premade = [x.clone() for x in osessl_run.augment(osessl_run, train_x[ids0], rnd0)]  # CUDA graphs reuse outputs
     workers = os.cpu_count() or 1
@@ -1394,11 +1383,13 @@ def benchmark(cfg, device):
         training_step(osessl_run, x1, x2, ids0, rnd0, 0.01, 0.996)
     memory, test = (train_x, train_y.to(device)), (test_x.to(device), test_y.to(device))
     rows = [("OSESSL step, device pipeline (data + augmentation + step)", lambda: pipeline_step(osessl_run)),
-            ("OSESSL step on pre-made tensors (compute only)", lambda: training_step(osessl_run, *premade, ids0, rnd0, 0.01, 0.996)),
-            ("device augmentation alone (weak + strong views)", lambda: osessl_run.augment(osessl_run, train_x[batch()[0]], rnd0)),
+            ("OSESSL step on pre-made tensors (compute only)",
+             lambda: training_step(osessl_run, *premade, ids0, rnd0, 0.01, 0.996)),
+            ("device augmentation alone (weak + strong views)",
+             lambda: osessl_run.augment(osessl_run, train_x[batch()[0]], rnd0)),
             ("ReSA-only step, device pipeline (lambda = mu = 0)", lambda: pipeline_step(runs["resa"])),
             (f"OSESSL step fed by a PIL DataLoader ({workers} workers)", pil_step)]
-    if cfg.compile:  # what compilation buys, measured in the same run
+    if cfg.compile:
         rows.append(("OSESSL step, device pipeline, eager (no --compile)", lambda: pipeline_step(runs["eager"])))
     print(f"benchmark: {cfg.dataset}, batch {B}, width {cfg.width}, {C} classes, device {device}"
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
