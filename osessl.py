@@ -280,7 +280,7 @@ def load_imagefolder_split(root, split, size=0):
             return x, labels, classes
     except Exception:
         pass  # no cache yet, or an unreadable or foreign one: decode (and rewrite it)
-    S = size or next(map_images(image_size_of, paths[:1], ""))[0]  # size 0: the first image's width
+    S = size or next(map_images(decode_image, paths[:1], "")).shape[1]  # size 0: the first image's width
     need, have = len(files) * 3 * S * S, host_memory_bytes()
     if need > have:
         raise UsageError(f"{root}/{split} at {S} x {S} px needs {need / 2 ** 30:.2f} GiB, more than this machine's "
@@ -298,15 +298,6 @@ def load_imagefolder_split(root, split, size=0):
     except OSError:
         pass  # read-only data directory: decode again next time
     return x, labels, classes
-
-
-def image_size_of(path):
-    from PIL import Image
-    try:
-        with Image.open(path) as im:  # reads the header only
-            return im.size
-    except Exception as e:
-        return f"{type(e).__name__}"
 
 
 def host_memory_bytes():
@@ -1058,15 +1049,16 @@ def check_checkpoint(ck, path):
         bad(f"its config: {e}")
     if ck["num_classes"] < 2 or ck["step"] < 0 or ck["epoch"] < 0:
         bad(f"its num_classes, step or epoch is out of range ({ck['num_classes']}, {ck['step']}, {ck['epoch']})")
-    with torch.device("meta"):  # the networks its config describes, without allocating them
+    with torch.device("meta"):  # the network its config describes, without allocating it
         ref = Network(cfg.width, cfg.proj_hidden, cfg.proj_dim, cfg.stem)
-    shapes = {k: v.shape for k, v in ref.state_dict().items()}
-    for part in ("net", "momentum"):
-        got = {k: getattr(v, "shape", None) for k, v in ck[part].items()}
-        if got != shapes:
-            diff = sorted(set(got) ^ set(shapes)) or [k for k in shapes if got[k] != shapes[k]]
-            bad(f"its {part!r} is not the network of its config (--width {cfg.width}, --proj-hidden {cfg.proj_hidden}, "
-                f"--proj-dim {cfg.proj_dim}): {diff[0]!r} differs")
+    shapes = lambda tensors: {k: getattr(v, "shape", None) for k, v in tensors.items()}
+    K, d, net = cfg.bank_size, cfg.proj_dim, shapes(ref.state_dict())
+    network = f"the network of its config (--width {cfg.width}, --proj-hidden {cfg.proj_hidden}, --proj-dim {d})"
+    memory = f"a memory bank of {K} x {d} (--bank-size, --proj-dim)"
+    for part, want, what in (("net", net, network), ("momentum", net, network),
+                             ("bank", dict(feats=(K, d), ids=(K,), ptr=(), filled=()), memory)):
+        if shapes(ck[part]) != want:
+            bad(f"its {part!r} is not {what}")
     params = [p.shape for p in ref.parameters()]
     state, groups = ck["opt"].get("state"), ck["opt"].get("param_groups")
     if not (isinstance(state, dict) and isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], dict)
@@ -1074,12 +1066,10 @@ def check_checkpoint(ck, path):
             and all(is_a(i, int) and 0 <= i < len(params) and isinstance(s, dict)
                     and getattr(s.get("momentum_buffer"), "shape", None) == params[i] for i, s in state.items())):
         bad("its 'opt' is not the SGD state of its network")
-    bank, K, d = ck["bank"], cfg.bank_size, cfg.proj_dim
-    want = dict(feats=(K, d), ids=(K,), ptr=(), filled=())
-    if {k: getattr(v, "shape", None) for k, v in bank.items()} != want or not bank["feats"].is_floating_point() \
-            or {bank[k].dtype for k in ("ids", "ptr", "filled")} != {torch.long} \
+    bank = ck["bank"]
+    if not bank["feats"].is_floating_point() or {bank[k].dtype for k in ("ids", "ptr", "filled")} != {torch.long} \
             or not 0 <= bank["ptr"] < K or not 0 <= bank["filled"] <= K:
-        bad(f"its 'bank' is not a memory bank of {K} x {d} (--bank-size, --proj-dim)")
+        bad(f"its 'bank' is not {memory}")
     ex = ck["exemplars"]
     if ex.dtype != torch.long or tuple(ex.shape) != (ck["num_classes"],):
         bad(f"its 'exemplars' are not {ck['num_classes']} training indices, one per class")
