@@ -4,7 +4,8 @@ One labeled image per class grounds a clustering-based self-supervised learner (
 real class space: exemplar-guided prototypes, a dual-view alignment loss, a dispersion
 regulariser and mixup interpolation consistency. The file reads in the order of the method
 (METHOD.md): config, data, augmentation, networks, ReSA loss, exemplar prototypes, prototype
-losses, interpolation losses, training step, training loop, benchmark, entry point.
+losses, interpolation losses, training step, training loop, benchmark, entry point. To learn the
+method, read sections 5 to 9 (search "5. ReSA"); the rest is plumbing, to read when needed.
 
 Run (the same file with or without a launcher):
   python osessl.py --dataset synthetic --epochs 2                     # quick start, no files
@@ -1282,11 +1283,13 @@ class Preemption:
         self.signum = signum
 
     def requested(self, step):
-        if self.world > 1 and step % 10 == 0:
+        if self.world > 1:
+            if step % 10:
+                return False
             flag = torch.tensor([self.signum], device="cuda" if dist.get_backend() == "nccl" else "cpu")
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             self.signum = int(flag)
-        return self.signum != 0 if self.world == 1 or step % 10 == 0 else False
+        return self.signum != 0
 
     def __enter__(self):
         return self
