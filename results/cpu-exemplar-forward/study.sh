@@ -1,8 +1,11 @@
 #!/bin/bash
 # CPU study of issue 12 on a frozen checkout of commit 9c0a66e (/tmp/study_code): 4 exemplar-forward
 # settings x exemplar seeds 0, 1; two single-threaded runs at a time.
-# Ran on 2026-11-24 on the 2-core CPU machine. Only the first two jobs of each worker (online/alone and
-# momentum/alone, seeds 0 and 1) were run; the joint settings are still to do.
+# Ran on 2026-11-24 on the 2-core CPU machine, in two sessions: the first two jobs of each worker (online/alone,
+# momentum/alone) in the first; the joint settings (the last two jobs of each worker) in the second, on the same
+# frozen commit 9c0a66e, in the order online-joint-s0 with momentum-joint-s1, then momentum-joint-s0 with
+# online-joint-s1 (the second session's runs shared the cores with test-suite runs at times: wall-clock says
+# nothing about the settings' cost).
 cd /tmp/study_code
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONUNBUFFERED=1
 PY=/work/main/.venv/bin/python
