@@ -72,11 +72,13 @@ class Config:
     exemplar_seed: int = opt(0, "seed that draws the one labeled exemplar per class")
     exemplars: str = opt("", "JSON file with a list of training indices, one per class (overrides --exemplar-seed)")
     keep_exemplars_in_unlabeled: bool = opt(False, "paper silent; our default removes the exemplars from D_u")
-    exemplar_select: str = opt("online", "paper silent: which network's exemplar embedding scores the bank "
+    exemplar_select: str = opt("momentum", "paper silent: which network's exemplar embedding scores the bank "
                                "(discriminative score, top-k): online (z_l) | momentum (the network that fills the "
-                               "bank); members and weights stay online", ("online", "momentum"))
-    exemplar_bn: str = opt("alone", "paper silent: the exemplars are forwarded as their own BatchNorm batch (alone) "
-                           "or in one batch with the weak views (joint)", ("alone", "joint"))
+                               "bank); members and weights stay online. Default: README's CPU study",
+                               ("online", "momentum"))
+    exemplar_bn: str = opt("joint", "paper silent: the exemplars are forwarded as their own BatchNorm batch (alone) "
+                           "or in one batch with the weak views (joint). Default: README's CPU study",
+                           ("alone", "joint"))
     # networks
     width: int = opt(64, "ResNet-18 base width (64 = the real ResNet-18; tests use 8 or 16 to run fast)")
     stem: str = opt("auto", "ResNet stem: cifar (3x3 conv, no max-pool) | imagenet (torchvision's 7x7/2 conv + "
@@ -964,8 +966,8 @@ def save_checkpoint(path, obj):
 def evaluate(run, eval_mem_x, eval_mem_y, test_x, test_y):
     """k-NN on the momentum encoder's features (METHOD.md section 8). With exemplars, also the
     neighbour precision that the current bank gives to the un-augmented exemplars embedded by the
-    online network (which training uses) and by the momentum network (which fills the bank): a
-    diagnostic of how well the two embeddings agree."""
+    online network (z_l, the members) and by the momentum network (which fills the bank and, by
+    default, chooses the neighbours): a diagnostic of how well the two embeddings agree."""
     feats = lambda x: knn_eval.extract_features(run.momentum_net.encoder, x, run.mean, run.std, run.to_net)
     report = knn_eval.knn_report(feats(eval_mem_x), eval_mem_y, feats(test_x), test_y, run.num_classes)
     if run.cfg.uses_exemplars:

@@ -305,8 +305,10 @@ def test_lambda_mu_zero_is_exactly_resa(tmp_path):
         assert torch.equal(trained_m[k], v), k
 
 
-EXEMPLAR_FORWARD = [(), ("--exemplar-select", "momentum"), ("--exemplar-bn", "joint")]
-EXEMPLAR_IDS = ["default", "select-momentum", "bn-joint"]
+# the default (momentum, joint: README's CPU study) and the other three settings of --exemplar-select / --exemplar-bn
+EXEMPLAR_FORWARD = [(), *[("--exemplar-select", s, "--exemplar-bn", b)
+                          for s, b in (("online", "alone"), ("momentum", "alone"), ("online", "joint"))]]
+EXEMPLAR_IDS = ["default", "online-alone", "momentum-alone", "online-joint"]
 
 
 @pytest.mark.parametrize("setting", EXEMPLAR_FORWARD, ids=EXEMPLAR_IDS)
@@ -462,7 +464,7 @@ def test_exemplar_select_momentum_in_the_step(monkeypatch):
     """The neighbours are those that the momentum network's exemplar embeddings choose (computed here by
     hand: its own BatchNorm batch, --exemplar-bn alone); the members are the online embeddings."""
     import copy
-    run, tx, C = tiny_run("--exemplar-select", "momentum")
+    run, tx, C = tiny_run("--exemplar-select", "momentum", "--exemplar-bn", "alone")
     for step in range(3):  # fill the bank
         tiny_step(run, tx, C, torch.arange(step * 32, step * 32 + 32), step)
     ids = torch.arange(40, 72)
@@ -484,7 +486,7 @@ def test_exemplar_bn_joint_in_the_step(monkeypatch):
     """--exemplar-bn joint: the exemplars share the weak views' BatchNorm batch; the exemplar embeddings
     are the last C rows of that forward, and the losses see its first B rows as z_1."""
     import copy
-    run, tx, C = tiny_run("--exemplar-bn", "joint")
+    run, tx, C = tiny_run("--exemplar-select", "online", "--exemplar-bn", "joint")
     ids = torch.arange(32)
     rnd, x1, x2, xm, xe = step_inputs(run, tx, C, ids)
     online = copy.deepcopy(run.net)

@@ -5,7 +5,10 @@
 # momentum/alone) in the first; the joint settings (the last two jobs of each worker) in the second, on the same
 # frozen commit 9c0a66e, in the order online-joint-s0 with momentum-joint-s1, then momentum-joint-s0 with
 # online-joint-s1 (the second session's runs shared the cores with test-suite runs at times: wall-clock says
-# nothing about the settings' cost).
+# nothing about the settings' cost). A machine restart cut off the last pair: momentum-joint-s0 after its training
+# (its knn_eval.py was run afterwards), online-joint-s1 after epoch 19, finished by
+#   osessl.py $C --exemplar-select online --exemplar-bn joint --exemplar-seed 1 --resume $R/online-joint-s1/last.pt
+# (resuming continues a run exactly, test_resume_is_exact), then its knn_eval.py as below.
 cd /tmp/study_code
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONUNBUFFERED=1
 PY=/work/main/.venv/bin/python
