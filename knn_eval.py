@@ -48,7 +48,8 @@ def extract_features(encoder, images, mean, std, to_net=lambda x: x, batch_size=
 
 def embed(net, images, mean, std, to_net=lambda x: x):
     """z = norm(g(f(x))) of uint8 images through a Network's encoder and projector, as extract_features."""
-    return F.normalize(extract_features(torch.nn.Sequential(net.encoder, net.projector), images, mean, std, to_net), dim=1)
+    projected = torch.nn.Sequential(net.encoder, net.projector)
+    return F.normalize(extract_features(projected, images, mean, std, to_net), dim=1)
 
 
 def _neighbours(train_f, test_f, k, cosine, chunk=1024):
@@ -136,9 +137,12 @@ def summarize(run_dirs, plot=None):
             if os.path.exists(os.path.join(d, "eval.json")):
                 final.update(json.load(open(os.path.join(d, "eval.json"))))
             arm = "ReSA" if cfg["lambda_proto"] == 0 and cfg["mu_mix"] == 0 else "OSESSL"
-            setting = f"{cfg.get('exemplar_select', 'online')}/{cfg.get('exemplar_bn', 'alone')}" if arm == "OSESSL" else ""
-            runs.append(dict(dir=d, arm=arm, setting=setting, seed=cfg["exemplar_seed"], dataset=dataset_name(cfg["dataset"], cfg["data_dir"]),
-                             epochs=rows[-1]["epoch"], final=final, rows=rows, classes=cfg["num_classes"]))
+            setting = ""
+            if arm == "OSESSL":  # runs from before the two flags ran what they now call online / alone
+                setting = f"{cfg.get('exemplar_select', 'online')}/{cfg.get('exemplar_bn', 'alone')}"
+            runs.append(dict(dir=d, arm=arm, setting=setting, seed=cfg["exemplar_seed"], final=final, rows=rows,
+                             dataset=dataset_name(cfg["dataset"], cfg["data_dir"]), epochs=rows[-1]["epoch"],
+                             classes=cfg["num_classes"]))
         except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
             raise UsageError(f"{d}: not a run directory written by osessl.py ({type(e).__name__}: {e})") from None
     print(f"{'dataset':<12} {'epochs':>6} {'protocol':<62} {'select/bn':<15} {'ReSA':>7} "
@@ -149,7 +153,8 @@ def summarize(run_dirs, plot=None):
         for proto, name in PROTOCOLS.items():
             base = [r["final"][proto] for r in group if r["arm"] == "ReSA" and proto in r["final"]]
             for setting in settings:
-                ours = [r["final"][proto] for r in group if r["setting"] == setting and r["arm"] == "OSESSL" and proto in r["final"]]
+                ours = [r["final"][proto] for r in group
+                        if r["setting"] == setting and r["arm"] == "OSESSL" and proto in r["final"]]
                 if not base and not ours:
                     continue
                 b = f"{statistics.mean(base):7.2f}" if base else f"{'-':>7}"
@@ -174,8 +179,10 @@ def summarize(run_dirs, plot=None):
                 if not curve:
                     continue
                 scale = math.log(r["classes"]) if key == "usage_entropy" else 1
-                line, = ax.plot(*zip(*[(e, v / scale) for e, v in curve]), color=color, label=f"{label} ({r['dataset']})")
-                second = {"usage_entropy": ("assign_entropy", "--"), "nbr_precision": ("nbr_precision_momentum", ":")}.get(key)
+                line, = ax.plot(*zip(*[(e, v / scale) for e, v in curve]), color=color,
+                                label=f"{label} ({r['dataset']})")
+                second = {"usage_entropy": ("assign_entropy", "--"),
+                          "nbr_precision": ("nbr_precision_momentum", ":")}.get(key)
                 points = [(row["epoch"], row[second[0]] / scale) for row in r["rows"] if second and second[0] in row]
                 if points:
                     ax.plot(*zip(*points), color=line.get_color(), linestyle=second[1], marker=".")
@@ -196,18 +203,21 @@ def main(argv=None):
     p.add_argument("--checkpoint", help="last.pt written by osessl.py")
     p.add_argument("--dataset", default=None, help="default: the checkpoint's")
     p.add_argument("--data-dir", default=None, help="default: the checkpoint's")
-    p.add_argument("--train-limit", type=int, default=0, help="k-NN memory and probe training set: this many training images (0 = all)")
+    p.add_argument("--train-limit", type=int, default=0,
+                   help="k-NN memory and probe training set: this many training images (0 = all)")
     p.add_argument("--test-limit", type=int, default=0, help="evaluate on this many test images (0 = all)")
     p.add_argument("--linear", action="store_true", help="also train a linear probe on the frozen features")
     p.add_argument("--device", default="", help="cuda | cpu (default: cuda when available)")
     p.add_argument("--summarize", nargs="+", metavar="RUN_DIR", help="print the results table of these run directories")
-    p.add_argument("--plot", default="", help="with --summarize: write a PNG of 5-NN accuracy, neighbour precision and assignment entropies against epoch")
+    p.add_argument("--plot", default="", help="with --summarize: write a PNG of 5-NN accuracy, neighbour precision "
+                   "and assignment entropies against epoch")
     args = p.parse_args(argv)
     try:
         if args.summarize:
             missing = [d for d in args.summarize if not os.path.exists(os.path.join(d, "metrics.jsonl"))]
             if missing:
-                raise osessl.UsageError(f"{missing[0]} holds no metrics.jsonl: pass run directories written by osessl.py")
+                raise osessl.UsageError(f"{missing[0]} holds no metrics.jsonl: pass run directories written by "
+                                        "osessl.py")
             return summarize(args.summarize, args.plot)
         if not args.checkpoint:
             raise osessl.UsageError("give --checkpoint runs/.../last.pt (or --summarize RUN_DIR ...)")
