@@ -273,12 +273,13 @@ def load_imagefolder_split(root, split, size=0):
     size 0: the images' own size, which must be one square size for all."""
     classes, files = _list_split(root, split)
     paths, labels = [p for p, _ in files], torch.tensor([c for _, c in files])
-    key = hashlib.sha1(json.dumps([size] + [(os.path.relpath(p, root), os.path.getsize(p)) for p in paths]).encode())
+    listing = [size] + [(os.path.relpath(p, root), os.path.getsize(p)) for p in paths]
+    key = hashlib.sha1(json.dumps(listing).encode()).hexdigest()  # a changed file or size: decode anew
     cache = os.path.join(root, f".osessl-cache-{split}.pt")
     try:  # tensors and plain data only: a crafted cache cannot run code, a wrong one is decoded anew
         c = torch.load(cache, weights_only=True)
         x = c["x"]
-        if c["key"] == key.hexdigest() and x.dtype == torch.uint8 and x.dim() == 4 and x.shape[:2] == (len(files), 3) \
+        if c["key"] == key and x.dtype == torch.uint8 and x.dim() == 4 and x.shape[:2] == (len(files), 3) \
                 and (not size or x.shape[2:] == (size, size)) and torch.equal(c["y"], labels):
             return x, labels, classes
     except Exception:
@@ -296,7 +297,7 @@ def load_imagefolder_split(root, split, size=0):
         x[i] = torch.from_numpy(img).permute(2, 0, 1)
     tmp = f"{cache}.{os.getpid()}.tmp"  # several runs may start at once on the same data
     try:
-        torch.save({"key": key.hexdigest(), "x": x, "y": labels}, tmp)
+        torch.save({"key": key, "x": x, "y": labels}, tmp)
         os.replace(tmp, cache)
     except OSError:
         pass  # read-only data directory: decode again next time
