@@ -4,7 +4,7 @@ Protocols, always reported by name:
   - ReSA's: 5-NN majority vote, Euclidean distance on the momentum encoder's unnormalised features;
   - weighted cosine k-NN (InstDisc/DINO style), k = 20 and 200, T = 0.07, same features.
 
-Also, on a checkpoint: a linear probe on frozen cached features (--linear), and one-shot
+Also, on a checkpoint: a linear probe on frozen cached features, ReSA's protocol (--linear), and one-shot
 classification (each test image to its nearest exemplar embedding, and to its nearest grounded
 prototype, using only the C exemplar labels). Results are written to eval.json beside the checkpoint.
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -25,10 +26,13 @@ PROTOCOLS = {
     "knn5": "ReSA 5-NN majority vote, Euclidean, momentum encoder",
     "knn20_cos": "weighted cosine 20-NN (T=0.07), momentum encoder",
     "knn200_cos": "weighted cosine 200-NN (T=0.07), momentum encoder",
-    "linear": "linear probe on frozen standardised features, momentum encoder",
+    "linear": "linear probe, ReSA's protocol (raw features, 500 epochs), momentum encoder",
     "oneshot_exemplar": "one-shot: nearest exemplar embedding (cosine, momentum net)",
     "oneshot_prototype": "one-shot: nearest grounded prototype (cosine, momentum net)",
 }
+# protocols no longer run, still read by --summarize: results/ runs evaluated before 2026-11-25 had a
+# linear probe on standardised features (Adam 1e-3, cosine schedule, 100 epochs)
+EARLIER = {"linear_standardised": "earlier linear probe (standardised features, 100 epochs)"}
 
 
 @torch.no_grad()
@@ -92,23 +96,31 @@ def knn_report(train_f, train_y, test_f, test_y, num_classes):
             "knn200_cos": knn_weighted_cosine(train_f, train_y, test_f, test_y, num_classes, min(200, n))}
 
 
-def linear_probe(train_f, train_y, test_f, test_y, num_classes, epochs=100, batch_size=1024, lr=1e-3, seed=0):
-    """Top-1 (%) of a linear classifier trained on frozen, cached, standardised features, on their device."""
-    mu, sd = train_f.mean(0), train_f.std(0) + 1e-6
-    xtr, xte = (train_f - mu) / sd, (test_f - mu) / sd
+def probe_optimiser(head, epochs=500, lr=1e-2, final_lr=1e-6, weight_decay=5e-6):
+    """ReSA's linear protocol: Adam at lr 1e-2, decayed exponentially (once per epoch) to 1e-6 after
+    `epochs` epochs, weight decay 5e-6."""
+    opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
+    return opt, torch.optim.lr_scheduler.ExponentialLR(opt, gamma=(final_lr / lr) ** (1 / epochs))
+
+
+def linear_probe(train_f, train_y, test_f, test_y, num_classes, epochs=500, batch_size=1000, seed=0, log=None):
+    """Top-1 (%) on the test features of Linear(e, C) trained on frozen, cached, raw (not standardised)
+    features with ReSA's protocol (probe_optimiser; random batches of 1,000), on their device, so that
+    the figure stands beside the ReSA and OSESSL papers'. log(epoch) is called every 50 epochs."""
     g = torch.Generator(device="cpu").manual_seed(seed)
-    head = torch.nn.Linear(xtr.shape[1], num_classes).to(xtr.device)
-    opt = torch.optim.Adam(head.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
+    head = torch.nn.Linear(train_f.shape[1], num_classes).to(train_f.device)
+    opt, sched = probe_optimiser(head, epochs)
     with torch.enable_grad():
-        for _ in range(epochs):
-            for idx in torch.randperm(len(xtr), generator=g).to(xtr.device).split(batch_size):
+        for epoch in range(epochs):
+            for idx in torch.randperm(len(train_f), generator=g).to(train_f.device).split(batch_size):
                 opt.zero_grad(set_to_none=True)
-                F.cross_entropy(head(xtr[idx]), train_y[idx]).backward()
+                F.cross_entropy(head(train_f[idx]), train_y[idx]).backward()
                 opt.step()
             sched.step()
+            if log and (epoch + 1) % 50 == 0:
+                log(epoch + 1)
     with torch.no_grad():
-        return (head(xte).argmax(1) == test_y).float().mean().item() * 100
+        return (head(test_f).argmax(1) == test_y).float().mean().item() * 100
 
 
 @torch.no_grad()
@@ -150,7 +162,7 @@ def summarize(run_dirs, plot=None):
     for key in sorted({(r["dataset"], r["epochs"]) for r in runs}):
         group = [r for r in runs if (r["dataset"], r["epochs"]) == key]
         settings = sorted({r["setting"] for r in group if r["arm"] == "OSESSL"}) or [""]
-        for proto, name in PROTOCOLS.items():
+        for proto, name in {**PROTOCOLS, **EARLIER}.items():
             base = [r["final"][proto] for r in group if r["arm"] == "ReSA" and proto in r["final"]]
             for setting in settings:
                 ours = [r["final"][proto] for r in group
@@ -231,7 +243,10 @@ def main(argv=None):
         ck = osessl.load_checkpoint(cfg, train_y, num_classes, ck)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         mean, std = (t.to(device) for t in osessl.channel_stats(train_x))
-        exemplar_x = train_x[ck["exemplars"]]
+        exemplars = ck["exemplars"]
+        if not len(exemplars):  # a ReSA run has none: one-shot evaluation draws them as an OSESSL run would
+            exemplars = osessl.select_exemplars(cfg, train_y, num_classes)
+        exemplar_x = train_x[exemplars]
         if cfg.train_limit and cfg.train_limit < len(train_x):
             keep = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.train_limit]
             train_x, train_y = train_x[keep], train_y[keep]
@@ -239,11 +254,18 @@ def main(argv=None):
         net.load_state_dict(ck["momentum"])
         net = net.to(device)
         feats = lambda m, x: extract_features(m, x, mean, std)  # host images, device chunks
+        t0 = time.time()
+        say = lambda what: print(f"  {what} ({time.time() - t0:.0f} s)", flush=True)
+        print(f"{args.checkpoint}: features of {len(train_x)} training and {len(test_x)} test images on {device}",
+              flush=True)
         train_f, test_f = feats(net.encoder, train_x), feats(net.encoder, test_x)
         train_y, test_y = train_y.to(device), test_y.to(device)
+        say("features done")
         res = knn_report(train_f, train_y, test_f, test_y, num_classes)
+        say("k-NN done")
         if args.linear:
-            res["linear"] = linear_probe(train_f, train_y, test_f, test_y, num_classes)
+            res["linear"] = linear_probe(train_f, train_y, test_f, test_y, num_classes,
+                                         log=lambda epoch: say(f"linear probe: epoch {epoch}/500"))
         test_z, ex_z = (embed(net, x, mean, std) for x in (test_x, exemplar_x))
         bank = osessl.MemoryBank(cfg.bank_size, cfg.proj_dim, device)
         bank.load_state_dict(ck["bank"])

@@ -81,8 +81,10 @@ class Config:
                            ("alone", "joint"))
     # networks
     width: int = opt(64, "ResNet-18 base width (64 = the real ResNet-18; tests use 8 or 16 to run fast)")
-    stem: str = opt("auto", "ResNet stem: cifar (3x3 conv, no max-pool) | imagenet (torchvision's 7x7/2 conv + "
-                    "max-pool) | auto (cifar up to 64 px, imagenet above)", ("auto", "cifar", "imagenet"))
+    stem: str = opt("auto", "ResNet stem: cifar (3x3 conv, no max-pool) | cifar-pad (the same after zero-padding the "
+                    "input by 1 px: ReSA's official CIFAR encoder, maps 34/17/9/5 at 32 px, 27%% more compute) | imagenet "
+                    "(torchvision's 7x7/2 conv + max-pool) | auto (cifar up to 64 px, imagenet above)",
+                    ("auto", "cifar", "cifar-pad", "imagenet"))
     proj_hidden: int = opt(2048, "projector hidden size")
     proj_dim: int = opt(512, "projector output size d")
     # optimisation
@@ -509,7 +511,8 @@ def gaussian_blur(x, sigma, kernel):
 
 def augment(images, p, mean, std, strong):
     """uint8 images (B, 3, H, W) and per-sample parameters -> normalised float views (B, 3, H, W).
-    One affine grid does crop, resize and flip for the whole batch."""
+    One affine grid does crop, resize and flip for the whole batch; as in ReSA's official code, the
+    weak view's crop is resampled bilinearly and the strong view's bicubically."""
     x = images.to(mean.dtype) / 255
     n, _, H, W = x.shape
     top, left, h, w = p["box"].unbind(1)
@@ -519,8 +522,9 @@ def augment(images, p, mean, std, strong):
     theta[:, 1, 1] = h / H
     theta[:, 1, 2] = (2 * top + h) / H - 1
     grid = F.affine_grid(theta, [n, 3, H, W], align_corners=False)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    x = F.grid_sample(x, grid, mode="bicubic" if strong else "bilinear", padding_mode="border", align_corners=False)
     if strong:
+        x = x.clamp(0, 1)  # cubic weights overshoot; PIL's bicubic saturates to 0..255 too
         x = torch.where(p["jitter"].view(-1, 1, 1, 1), color_jitter(x, p["factors"], p["order"]), x)
         x = torch.where(p["gray"].view(-1, 1, 1, 1), _gray(x).expand(-1, 3, -1, -1), x)
         if "blur" in p:  # large images (--blur); kernel 23 at 224 px, as BYOL's and ReSA's ImageNet recipes
@@ -582,11 +586,14 @@ class ResNet18(nn.Module):
     """torchvision's resnet18 without fc, with the CIFAR stem (3x3 conv, stride 1, no max-pool) or
     torchvision's own (7x7 conv, stride 2, max-pool) for larger images. Same module names, so state
     dicts interchange with torchvision's (a test checks parity); `width` scales every stage (64 =
-    ResNet-18; smaller widths keep CPU tests fast)."""
+    ResNet-18; smaller widths keep CPU tests fast). stem "cifar-pad" is ReSA's official CIFAR
+    encoder: the CIFAR stem after zero-padding the input by 1 px (no parameters, so the state dict
+    is the same)."""
 
     def __init__(self, width=64, stem="cifar"):
         super().__init__()
-        cifar = stem == "cifar"
+        cifar = stem in ("cifar", "cifar-pad")
+        self.pad = nn.ZeroPad2d(1) if stem == "cifar-pad" else nn.Identity()
         self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False) if cifar else nn.Conv2d(3, width, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
@@ -604,7 +611,7 @@ class ResNet18(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(self.relu(self.bn1(self.conv1(self.pad(x)))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
@@ -1074,8 +1081,8 @@ def check_checkpoint(ck, path):
     if not bank["feats"].is_floating_point() or {bank[k].dtype for k in ("ids", "ptr", "filled")} != {torch.long} \
             or not 0 <= bank["ptr"] < K or not 0 <= bank["filled"] <= K:
         bad(f"its 'bank' is not {memory}")
-    ex = ck["exemplars"]
-    if ex.dtype != torch.long or tuple(ex.shape) != (ck["num_classes"],):
+    ex = ck["exemplars"]  # ReSA runs hold none (those written before ReSA trained on every image: one per class)
+    if ex.dtype != torch.long or tuple(ex.shape) not in [(ck["num_classes"],)] + [(0,)] * (not cfg.uses_exemplars):
         bad(f"its 'exemplars' are not {ck['num_classes']} training indices, one per class")
     if not all(isinstance(k, str) and is_a(v, torch.Tensor) and v.numel() == 1 for k, v in ck["sums"].items()):
         bad("its 'sums' are not the running sums of the loss terms")
@@ -1090,8 +1097,8 @@ def load_checkpoint(cfg, train_y, num_classes, ck=None):
         raise UsageError(f"{cfg.resume} was trained on {ck['config']['dataset']} with {ck['num_classes']} classes, "
                          f"not {cfg.dataset} with {num_classes}: pass the matching --dataset/--data-dir")
     ex, ids = ck["exemplars"], ck["bank"]["ids"]
-    if not (0 <= ex.min() and ex.max() < len(train_y) and ids.min() >= -1 and ids.max() < len(train_y)
-            and torch.equal(train_y[ex], torch.arange(num_classes))):
+    if not (((0 <= ex) & (ex < len(train_y))).all() and ids.min() >= -1 and ids.max() < len(train_y)
+            and (not len(ex) or torch.equal(train_y[ex], torch.arange(num_classes)))):
         raise UsageError(f"{cfg.resume}: its exemplars and memory bank do not index one image per class of these "
                          f"{len(train_y)} training images: pass the --data-dir it was trained on")
     return ck
@@ -1131,7 +1138,9 @@ def train(cfg, rank=0, world=1, device=None):
     train_x, train_y, test_x, test_y, num_classes = load_data(cfg)
     cfg = settle(cfg, train_x.shape[-1])
     ck = load_checkpoint(cfg, train_y, num_classes) if cfg.resume else None
-    ex_idx = ck["exemplars"] if ck is not None else select_exemplars(cfg, train_y, num_classes)
+    no_exemplars = torch.zeros(0, dtype=torch.long)  # ReSA (lambda = mu = 0) trains on every image, as ReSA does
+    ex_idx = ck["exemplars"] if ck is not None else \
+        select_exemplars(cfg, train_y, num_classes) if cfg.uses_exemplars else no_exemplars
     u_idx = unlabeled_indices(cfg, len(train_x), ex_idx)
     Bg = cfg.batch_size * world
     if Bg > len(u_idx):
@@ -1182,7 +1191,7 @@ def train(cfg, rank=0, world=1, device=None):
             json.dump(dict(asdict(cfg), world_size=world, num_classes=num_classes, exemplar_indices=ex_idx.tolist()),
                       f, indent=1)
         where = "the device" if on_device else "the host"
-        print(f"osessl: {method} on {cfg.dataset} ({len(u_idx)} unlabeled + {num_classes} exemplars, "
+        print(f"osessl: {method} on {cfg.dataset} ({len(u_idx)} unlabeled + {len(ex_idx)} exemplars, "
               f"{len(test_x)} test) | {world} process(es) on {device.type}, global batch {Bg}, {steps_per_epoch} "
               f"steps/epoch | run dir {out}\n  images: {tuple(train_x.shape[1:])} uint8, {nbytes / 2 ** 30:.2f} GiB "
               f"on {where} (--data-on {cfg.data_on}); stem {cfg.stem}, blur {cfg.blur}", flush=True)
@@ -1323,8 +1332,10 @@ def time_per_call(fn, device, steps, repeats=5, warmup=5):
 def pil_dataloader(images, mean, std, batch_size, workers, pin):
     """The usual pipeline, for comparison: torchvision PIL transforms in a DataLoader."""
     from torchvision import transforms as T
-    weak = T.Compose([T.RandomResizedCrop(images.shape[-1], scale=(0.2, 1.0)), T.RandomHorizontalFlip()])
-    strong = T.Compose([weak, T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+    crop = partial(T.RandomResizedCrop, images.shape[-1], scale=(0.2, 1.0))
+    weak = T.Compose([crop(), T.RandomHorizontalFlip()])
+    strong = T.Compose([crop(interpolation=T.InterpolationMode.BICUBIC), T.RandomHorizontalFlip(),
+                        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
                         T.RandomGrayscale(0.2), T.RandomSolarize(128, p=0.2)])
     finish = T.Compose([T.ToTensor(), T.Normalize(mean.tolist(), std.tolist())])
 
@@ -1406,6 +1417,14 @@ def benchmark(cfg, device):
 
 
 # ============ 12. Entry point: one process, or one per GPU under torchrun (nanoGPT style) ============
+def cuda_settings():
+    """cuDNN picks the fastest convolutions (they run in bf16 under autocast). float32 matrix products
+    stay true float32, not TF32: Sinkhorn's similarities and the temperature softmaxes (exp(s / 0.05),
+    exp(s / 0.04)) would magnify TF32's 10-bit mantissa error into their targets."""
+    torch.backends.cudnn.benchmark = True
+    torch.set_float32_matmul_precision("highest")
+
+
 def main(argv=None):
     try:
         cfg = parse_config(argv)
@@ -1426,8 +1445,7 @@ def main(argv=None):
             dist.init_process_group("nccl" if use_cuda else "gloo")
         device = torch.device(f"cuda:{torch.cuda.current_device()}" if use_cuda else "cpu")
         if use_cuda:
-            torch.backends.cudnn.benchmark = True
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+            cuda_settings()
         if cfg.benchmark:
             benchmark(cfg, device)
         else:

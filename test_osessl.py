@@ -240,6 +240,24 @@ def test_full_box_without_flip_is_identity():
     assert torch.allclose(v[1], x[1].float().flip(-1) / 255, atol=1e-5)
 
 
+def test_strong_view_resamples_bicubically_weak_view_bilinearly():
+    """As ReSA's official code: the strong view's RandomResizedCrop is bicubic, the weak view's bilinear.
+    A crop of the top-left 16 x 16 to 32 x 32 (colour operations off) equals torchvision's resized_crop
+    with that interpolation on every pixel whose cubic support lies inside the crop."""
+    from torchvision.transforms.functional import InterpolationMode, resized_crop
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    off = torch.zeros(2, dtype=torch.bool)
+    p = dict(box=torch.tensor([[0.0, 0, 16, 16]] * 2), flip=off, jitter=off, gray=off, solarize=off,
+             factors=torch.ones(2, 4), order=torch.arange(4).repeat(2, 1))
+    inner = (..., slice(4, 28), slice(4, 28))
+    for strong, mode in ((True, InterpolationMode.BICUBIC), (False, InterpolationMode.BILINEAR)):
+        ours = O.augment(x, p, torch.zeros(3), torch.ones(3), strong)
+        ref = resized_crop(x.float() / 255, 0, 0, 16, 16, [32, 32], mode, antialias=False).clamp(0, 1)
+        assert torch.allclose(ours[inner], ref[inner], atol=1e-5), mode
+    bicubic = resized_crop(x.float() / 255, 0, 0, 16, 16, [32, 32], InterpolationMode.BICUBIC, antialias=False)
+    assert not torch.allclose(ours[inner], bicubic[inner], atol=1e-3)  # the weak view is not bicubic
+
+
 def test_hue_shift_matches_torchvision():
     from torchvision.transforms.functional import adjust_hue
     x = torch.rand(4, 3, 8, 8)
@@ -265,6 +283,38 @@ def test_resnet18_matches_torchvision():
     assert sum(p.numel() for p in ours.parameters()) == 11_168_832
 
 
+def test_padded_stem_is_resas_official_cifar_encoder():
+    """--stem cifar-pad: the input zero-padded by 1 px before the CIFAR stem, as ReSA's official CIFAR
+    ResNet; its feature maps are 34/17/9/5 at 32 px, it equals the standard encoder applied to the
+    padded image, and the state dicts interchange (the pad has no parameters)."""
+    plain, padded = O.ResNet18(8, "cifar"), O.ResNet18(8, "cifar-pad")
+    padded.load_state_dict(plain.state_dict())
+    sizes = []
+    for i in range(1, 5):
+        getattr(padded, f"layer{i}").register_forward_hook(lambda m, inp, out: sizes.append(out.shape[-1]))
+    x = torch.randn(2, 3, 32, 32)
+    plain.eval(), padded.eval()
+    with torch.no_grad():
+        out = padded(x)
+        assert out.shape == (2, 64) and sizes == [34, 17, 9, 5]
+        assert torch.allclose(out, plain(F.pad(x, (1, 1, 1, 1))), atol=1e-6)
+        assert not torch.allclose(out, plain(x), atol=1e-3)
+
+
+def test_cuda_settings_keep_float32_matmuls_true_float32():
+    """On a GPU Sinkhorn's similarities and the temperature softmaxes are computed in true float32:
+    cuda_settings (called by main on CUDA) sets no TF32 for matrix products (it only sets flags, so
+    this runs on the CPU; the GPU smoke run also compares Sinkhorn on CUDA with float64)."""
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")  # as if something had enabled TF32 before
+        O.cuda_settings()
+        assert torch.get_float32_matmul_precision() == "highest" and torch.backends.cudnn.benchmark
+    finally:
+        torch.set_float32_matmul_precision(before)
+        torch.backends.cudnn.benchmark = False
+
+
 # ---------------- training ----------------
 def params_of(run_dir):
     ck = torch.load(os.path.join(run_dir, "last.pt"), weights_only=True)
@@ -272,12 +322,13 @@ def params_of(run_dir):
 
 
 def test_lambda_mu_zero_is_exactly_resa(tmp_path):
-    """With lambda = mu = 0 the step is plain ReSA: compare with a ReSA reference written here."""
+    """With lambda = mu = 0 the step is plain ReSA, on every training image (ReSA has no exemplars):
+    compare with a ReSA reference written here."""
     cfg = tiny_config(tmp_path, "--lambda-proto", "0", "--mu-mix", "0", "--max-steps", "3", "--eval-every", "0")
     out = O.train(cfg)
     torch.manual_seed(cfg.seed)
     tx, ty, _, _, C = O.load_data(cfg)
-    u = O.unlabeled_indices(cfg, len(tx), O.select_exemplars(cfg, ty, C))
+    u = torch.arange(len(tx))  # every training image, none drawn as an exemplar
     mean, std = O.channel_stats(tx)
     net, mom = O.Network(8, 64, 32), O.Network(8, 64, 32)
     mom.load_state_dict(net.state_dict())
@@ -303,6 +354,18 @@ def test_lambda_mu_zero_is_exactly_resa(tmp_path):
         assert torch.equal(trained[k], v), k
     for k, v in mom.state_dict().items():
         assert torch.equal(trained_m[k], v), k
+
+
+def test_resa_mode_trains_on_the_whole_training_split(tmp_path, capsys):
+    """ReSA mode draws, removes and forwards no exemplar: 320 training images give 10 steps of 32 per
+    epoch (OSESSL: 310 unlabeled, 9 steps); knn_eval's one-shot rows draw exemplars for evaluation only."""
+    for flags, images, steps, exemplars in ((("--lambda-proto", "0", "--mu-mix", "0"), 320, 10, 0), ((), 310, 9, 10)):
+        out = O.train(tiny_config(tmp_path / str(images), "--epochs", "1", "--eval-every", "0", *flags))
+        assert f"{images} unlabeled + {exemplars} exemplars" in capsys.readouterr().out
+        assert json.loads(open(os.path.join(out, "metrics.jsonl")).readline())["step"] == steps
+        assert len(json.load(open(os.path.join(out, "config.json")))["exemplar_indices"]) == exemplars
+    res = knn_eval.main(["--checkpoint", str(tmp_path / "320" / "run" / "last.pt")])
+    assert 0 <= res["oneshot_exemplar"] <= 100
 
 
 # the default (momentum, joint: README's CPU study) and the other three settings of --exemplar-select / --exemplar-bn
@@ -376,6 +439,22 @@ def test_knn_protocols_on_separable_features():
 
 
 SMALL = ["--synthetic-per-class", "10", "--epochs", "2"]  # 90 unlabeled images: 2 steps of 32 per epoch
+
+
+def test_linear_probe_is_resas_protocol():
+    """ReSA's linear protocol (eval_sgd): Adam, lr 1e-2 decayed exponentially to 1e-6 over 500 epochs,
+    weight decay 5e-6, batches of 1,000, raw features."""
+    head = torch.nn.Linear(4, 3)
+    opt, sched = knn_eval.probe_optimiser(head)
+    assert isinstance(opt, torch.optim.Adam) and isinstance(sched, torch.optim.lr_scheduler.ExponentialLR)
+    assert opt.defaults["lr"] == 1e-2 and opt.defaults["weight_decay"] == 5e-6
+    for _ in range(500):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-6, rel=1e-9)
+    import inspect
+    defaults = {k: v.default for k, v in inspect.signature(knn_eval.linear_probe).parameters.items()}
+    assert defaults["epochs"] == 500 and defaults["batch_size"] == 1000
 
 
 def test_linear_probe_and_one_shot_classifiers():
