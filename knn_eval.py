@@ -15,7 +15,9 @@ Used by osessl.py every --eval-every epochs, and on its own:
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import sys
 import time
 
@@ -131,34 +133,57 @@ def one_shot(test_z, test_y, exemplar_z, prototypes):
     return {"oneshot_exemplar": acc(exemplar_z), "oneshot_prototype": acc(prototypes)}
 
 
+def read_run(d):
+    """A run directory's config.json, metrics.jsonl and eval.json (JSON only: nothing read here can run
+    code). Its final figures say where they come from: knn_eval.py's eval.json (all training images as
+    memory) or the last in-training evaluation (the training images in use). An eval.json older than
+    the run's last epoch (a run extended with --resume after it was evaluated) is not used."""
+    from osessl import UsageError, dataset_name
+    try:  # a malformed file is one line, not a traceback
+        cfg = json.load(open(os.path.join(d, "config.json")))
+        rows = [json.loads(line) for line in open(os.path.join(d, "metrics.jsonl")) if line.strip()]
+        final = {k: (v, "in-training") for r in rows for k, v in r.items() if k in PROTOCOLS}  # latest of each
+        note = ""
+        if os.path.exists(os.path.join(d, "eval.json")):
+            ev = json.load(open(os.path.join(d, "eval.json")))
+            if ev.get("step") == rows[-1]["step"]:
+                final.update({k: (v, "knn_eval") for k, v in ev.items() if k in PROTOCOLS or k in EARLIER})
+            else:
+                note = (f"{d}: eval.json is of step {ev.get('step')}, the run reached step {rows[-1]['step']} "
+                        f"(epoch {rows[-1]['epoch']}): stale, not used; run knn_eval.py on its last.pt again")
+        arm = "ReSA" if cfg["lambda_proto"] == 0 and cfg["mu_mix"] == 0 else "OSESSL"
+        setting = ""
+        if arm == "OSESSL":  # runs from before the two flags ran what they now call online / alone
+            setting = f"{cfg.get('exemplar_select', 'online')}/{cfg.get('exemplar_bn', 'alone')}"
+        return dict(dir=d, arm=arm, setting=setting, seed=cfg["exemplar_seed"], final=final, rows=rows, config=cfg,
+                    dataset=dataset_name(cfg["dataset"], cfg["data_dir"]), epochs=rows[-1]["epoch"],
+                    classes=cfg["num_classes"], note=note)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        raise UsageError(f"{d}: not a run directory written by osessl.py ({type(e).__name__}: {e})") from None
+
+
 def summarize(run_dirs, plot=None):
     """Results table of several runs (their config.json, metrics.jsonl and eval.json): ReSA against
     OSESSL mean +- spread over exemplar seeds, per dataset, epoch count and OSESSL exemplar-forward
     setting (--exemplar-select / --exemplar-bn, one row each); optionally a plot of
     5-NN accuracy, neighbour precision and assignment entropies against epoch."""
-    import json
-    import os
     import statistics
+    from osessl import UsageError
     runs = []
-    from osessl import UsageError, dataset_name
-    for d in run_dirs:
-        try:  # JSON only: nothing read here can run code; a malformed file is one line, not a traceback
-            cfg = json.load(open(os.path.join(d, "config.json")))
-            rows = [json.loads(line) for line in open(os.path.join(d, "metrics.jsonl"))]
-            final = {k: v for r in rows for k, v in r.items() if k in PROTOCOLS}  # latest value of each
-            if os.path.exists(os.path.join(d, "eval.json")):
-                final.update(json.load(open(os.path.join(d, "eval.json"))))
-            arm = "ReSA" if cfg["lambda_proto"] == 0 and cfg["mu_mix"] == 0 else "OSESSL"
-            setting = ""
-            if arm == "OSESSL":  # runs from before the two flags ran what they now call online / alone
-                setting = f"{cfg.get('exemplar_select', 'online')}/{cfg.get('exemplar_bn', 'alone')}"
-            runs.append(dict(dir=d, arm=arm, setting=setting, seed=cfg["exemplar_seed"], final=final, rows=rows,
-                             dataset=dataset_name(cfg["dataset"], cfg["data_dir"]), epochs=rows[-1]["epoch"],
-                             classes=cfg["num_classes"]))
-        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
-            raise UsageError(f"{d}: not a run directory written by osessl.py ({type(e).__name__}: {e})") from None
+    timing = ("seconds", "images_per_s")
+    for r in map(read_run, run_dirs):
+        same = lambda a, b: a["config"] == b["config"] and [{k: v for k, v in x.items() if k not in timing}
+                                                            for x in a["rows"]] == \
+            [{k: v for k, v in x.items() if k not in timing} for x in b["rows"]]
+        twin = next((o for o in runs if same(o, r)), None)
+        if twin:
+            print(f"note: {r['dir']} holds the same run as {twin['dir']} (config and metrics): counted once")
+            continue
+        if r["note"]:
+            print(f"note: {r['note']}")
+        runs.append(r)
     print(f"{'dataset':<12} {'epochs':>6} {'protocol':<62} {'select/bn':<15} {'ReSA':>7} "
-          f"{'OSESSL (mean +- sd, seeds)':>30} {'gain':>6}")
+          f"{'OSESSL (mean +- sd, seeds)':>30} {'gain':>6}  from")
     for key in sorted({(r["dataset"], r["epochs"]) for r in runs}):
         group = [r for r in runs if (r["dataset"], r["epochs"]) == key]
         settings = sorted({r["setting"] for r in group if r["arm"] == "OSESSL"}) or [""]
@@ -169,13 +194,21 @@ def summarize(run_dirs, plot=None):
                         if r["setting"] == setting and r["arm"] == "OSESSL" and proto in r["final"]]
                 if not base and not ours:
                     continue
-                b = f"{statistics.mean(base):7.2f}" if base else f"{'-':>7}"
-                sd = statistics.stdev(ours) if len(ours) > 1 else 0.0
-                o = f"{statistics.mean(ours):.2f} +- {sd:.2f} ({len(ours)})" if ours else "-"
-                gain = f"{statistics.mean(ours) - statistics.mean(base):+6.2f}" if base and ours else f"{'-':>6}"
-                print(f"{key[0]:<12} {key[1]:>6} {name:<62} {setting:<15} {b} {o:>30} {gain}")
+                mean = lambda pairs: statistics.mean(v for v, _ in pairs)
+                b = f"{mean(base):7.2f}" if base else f"{'-':>7}"
+                sd = statistics.stdev([v for v, _ in ours]) if len(ours) > 1 else 0.0
+                o = f"{mean(ours):.2f} +- {sd:.2f} ({len(ours)})" if ours else "-"
+                gain = f"{mean(ours) - mean(base):+6.2f}" if base and ours else f"{'-':>6}"
+                sources = {src for _, src in base + ours}
+                print(f"{key[0]:<12} {key[1]:>6} {name:<62} {setting:<15} {b} {o:>30} {gain}  "
+                      f"{sources.pop() if len(sources) == 1 else 'mixed'}")
+    print("from: knn_eval = knn_eval.py's eval.json (memory and probe set: all training images); in-training = "
+          "the run's last in-training evaluation (memory: the training images in use, test subset if limited)")
     if plot:
-        import matplotlib
+        try:
+            import matplotlib
+        except ImportError:
+            raise UsageError("--plot needs matplotlib: pip install matplotlib (or leave out --plot)") from None
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         # accuracy, and the diagnostics that explain it: neighbour precision and assignment entropies
@@ -185,14 +218,15 @@ def summarize(run_dirs, plot=None):
         fig, axes = plt.subplots(1, 3, figsize=(15, 4))
         for r in runs:
             label = "ReSA" if r["arm"] == "ReSA" else f"OSESSL {r['setting']}, exemplar seed {r['seed']}"
+            label = f"{label} [{os.path.basename(os.path.normpath(r['dir']))}]"  # runs of one setting differ
             color = "black" if r["arm"] == "ReSA" else None
             for ax, (key, title) in zip(axes, panels):
                 curve = [(row["epoch"], row[key]) for row in r["rows"] if key in row]
                 if not curve:
                     continue
                 scale = math.log(r["classes"]) if key == "usage_entropy" else 1
-                line, = ax.plot(*zip(*[(e, v / scale) for e, v in curve]), color=color,
-                                label=f"{label} ({r['dataset']})")
+                line, = ax.plot(*zip(*[(e, v / scale) for e, v in curve]), color=color, marker="o", markersize=3,
+                                label=f"{label} ({r['dataset']})")  # markers: a run evaluated once is a point
                 second = {"usage_entropy": ("assign_entropy", "--"),
                           "nbr_precision": ("nbr_precision_momentum", ":")}.get(key)
                 points = [(row["epoch"], row[second[0]] / scale) for row in r["rows"] if second and second[0] in row]
@@ -208,8 +242,6 @@ def summarize(run_dirs, plot=None):
 
 
 def main(argv=None):
-    import json
-    import os
     import osessl  # imported here: osessl imports this module at the top
     p = osessl._Parser(description="evaluation of osessl checkpoints, and results tables of runs")
     p.add_argument("--checkpoint", help="last.pt written by osessl.py")

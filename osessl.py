@@ -4,7 +4,7 @@ One labeled image per class grounds a clustering-based self-supervised learner (
 real class space: exemplar-guided prototypes, a dual-view alignment loss, a dispersion
 regulariser and mixup interpolation consistency. The file reads in the order of the method
 (METHOD.md): config, data, augmentation, networks, ReSA loss, exemplar prototypes, prototype
-losses, interpolation losses, training step, training loop, benchmark, entry point. To learn the
+losses, interpolation losses, training step, training loop, entry point. To learn the
 method, read sections 5 to 9 (search "5. ReSA"); the rest is plumbing, to read when needed.
 
 Run (the same file with or without a launcher):
@@ -82,8 +82,8 @@ class Config:
     # networks
     width: int = opt(64, "ResNet-18 base width (64 = the real ResNet-18; tests use 8 or 16 to run fast)")
     stem: str = opt("auto", "ResNet stem: cifar (3x3 conv, no max-pool) | cifar-pad (the same after zero-padding the "
-                    "input by 1 px: ReSA's official CIFAR encoder, maps 34/17/9/5 at 32 px, 27%% more compute) | imagenet "
-                    "(torchvision's 7x7/2 conv + max-pool) | auto (cifar up to 64 px, imagenet above)",
+                    "input by 1 px: ReSA's official CIFAR encoder, maps 34/17/9/5 at 32 px, 27%% more compute) | "
+                    "imagenet (torchvision's 7x7/2 conv + max-pool) | auto (cifar up to 64 px, imagenet above)",
                     ("auto", "cifar", "cifar-pad", "imagenet"))
     proj_hidden: int = opt(2048, "projector hidden size")
     proj_dim: int = opt(512, "projector output size d")
@@ -126,8 +126,6 @@ class Config:
     compile_mode: str = opt("default", "torch.compile mode with --compile (reduce-overhead: CUDA graphs)",
                             ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
     device: str = opt("", "cuda | cpu (default: cuda when available)")
-    benchmark: bool = opt(False, "time the training step and its data pipelines, print a table, and exit")
-    benchmark_steps: int = opt(20, "timed steps per repeat of --benchmark (median of 5 repeats, after 5 warm-up steps)")
     float64: bool = opt(False, "CPU only: compute in float64 (tests use it to tell real differences from roundoff)")
 
     @property
@@ -137,8 +135,7 @@ class Config:
 
 
 # settings of how a run is carried out, not of what it learns: a resumed run takes them from its command line
-RUN_CONTROL = ("out", "overwrite", "resume", "max_steps", "compile", "compile_mode", "device", "benchmark",
-               "benchmark_steps", "data_on")
+RUN_CONTROL = ("out", "overwrite", "resume", "max_steps", "compile", "compile_mode", "device", "data_on")
 POSITIVE = ("epochs", "batch_size", "lr", "k", "bank_size", "sinkhorn_eps", "resa_temp", "tau_w", "tau_s", "tau_t",
             "zeta", "width", "sinkhorn_iters")
 NON_NEGATIVE = ("lambda_proto", "mu_mix", "weight_decay", "warmup_epochs", "final_lr_ratio", "eval_every", "max_steps",
@@ -1023,6 +1020,7 @@ def read_checkpoint(path):
 CHECKPOINT_KEYS = dict(config=dict, num_classes=int, step=int, epoch=int, net=dict, momentum=dict, opt=dict, bank=dict,
                        exemplars=torch.Tensor, sums=dict, rng=torch.Tensor)
 # Config fields added after format 1, with the value that reproduces the checkpoints written before them
+REMOVED_SETTINGS = ("benchmark", "benchmark_steps")  # in checkpoints written before results/benchmark.py
 LATER_SETTINGS = dict(exemplar_select="online", exemplar_bn="alone", image_size=0, data_on="auto", stem="cifar",
                       blur="off")
 
@@ -1043,7 +1041,7 @@ def check_checkpoint(ck, path):
         if not is_a(ck[key], kind):
             bad(f"its {key!r} is a {type(ck[key]).__name__}, not a {kind.__name__}")
     types = {f.name: type(f.default) for f in fields(Config)}
-    config = ck["config"]
+    config = {k: v for k, v in ck["config"].items() if k not in REMOVED_SETTINGS}
     for k, v in config.items():
         if k not in types:
             bad(f"its config has an unknown setting {k!r}")
@@ -1177,6 +1175,14 @@ def train(cfg, rank=0, world=1, device=None):
             part.load_state_dict(ck[name])
         step, sums = ck["step"], {k: v.to(device) for k, v in ck["sums"].items()}
         torch.set_rng_state(ck["rng"])
+        if step >= total:
+            if rank == 0:
+                print(f"osessl: {cfg.resume} has finished its {step // steps_per_epoch} epochs (step {step}): nothing "
+                      "to train; give --epochs N to extend it", flush=True)
+            return out
+        if ck["config"]["epochs"] != cfg.epochs and rank == 0:
+            print(f"osessl: extending {ck['config']['epochs']} to {cfg.epochs} epochs: the lr and EMA schedules are "
+                  f"recomputed for {cfg.epochs} (the steps so far followed {ck['config']['epochs']}'s)", flush=True)
 
     def checkpoint():
         if rank == 0:
@@ -1311,112 +1317,7 @@ class Preemption:
             signal.signal(sig, handler)
 
 
-# ============ 11. Benchmark: where a step's time goes (--benchmark) ============
-def time_per_call(fn, device, steps, repeats=5, warmup=5):
-    """Median seconds per call over `repeats` timed blocks of `steps` calls, after warm-up
-    (which also absorbs compilation), with the device synchronised around each block."""
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        t = time.perf_counter()
-        for _ in range(steps):
-            fn()
-        sync()
-        times.append((time.perf_counter() - t) / steps)
-    return sorted(times)[len(times) // 2]
-
-
-def pil_dataloader(images, mean, std, batch_size, workers, pin):
-    """The usual pipeline, for comparison: torchvision PIL transforms in a DataLoader."""
-    from torchvision import transforms as T
-    crop = partial(T.RandomResizedCrop, images.shape[-1], scale=(0.2, 1.0))
-    weak = T.Compose([crop(), T.RandomHorizontalFlip()])
-    strong = T.Compose([crop(interpolation=T.InterpolationMode.BICUBIC), T.RandomHorizontalFlip(),
-                        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-                        T.RandomGrayscale(0.2), T.RandomSolarize(128, p=0.2)])
-    finish = T.Compose([T.ToTensor(), T.Normalize(mean.tolist(), std.tolist())])
-
-    class TwoViews(torch.utils.data.Dataset):
-        def __len__(self):
-            return len(images)
-
-        def __getitem__(self, i):
-            img = T.functional.to_pil_image(images[i])
-            return finish(weak(img)), finish(strong(img))
-    loader = torch.utils.data.DataLoader(TwoViews(), batch_size=batch_size, shuffle=True, drop_last=True,
-                                         num_workers=workers, pin_memory=pin, persistent_workers=workers > 0)
-    while True:
-        yield from loader
-
-
-def benchmark(cfg, device):
-    """One table, every row measured in this run: ms/step, images/s, s per 50,000-image epoch, peak memory."""
-    train_x, train_y, test_x, test_y, C = load_data(cfg)
-    cfg = settle(cfg, train_x.shape[-1])
-    ex_idx = select_exemplars(cfg, train_y, C)
-    cpu_x, train_x = train_x, train_x.to(device)
-    B = cfg.batch_size
-    if B > len(train_x) or B > cfg.bank_size:
-        raise UsageError(f"--batch-size {B} must not exceed the {len(train_x)} training images nor --bank-size")
-    variants = dict(osessl={}, resa=dict(lambda_proto=0.0, mu_mix=0.0))
-    if cfg.compile:  # what compilation buys, measured in the same run (a row below)
-        variants["eager"] = dict(compile=False)
-    runs = {m: build_run(replace(cfg, **w), 0, 1, device, train_x, train_y, ex_idx, C) for m, w in variants.items()}
-    osessl_run = runs["osessl"]
-    counter = iter(range(10 ** 9))
-
-    perm = epoch_permutation(cfg.seed, 0, len(train_x)).to(device)
-    per_epoch = len(train_x) // B
-
-    def batch():  # as in training: a slice of a device-side permutation, no host-device copy
-        step = next(counter)
-        i = step % per_epoch
-        rnd = step_randomness(cfg.seed, step, B, C, cfg.zeta, device, train_x.shape[-1], cfg.blur == "on")
-        return perm[i * B:(i + 1) * B], rnd
-    ids0, rnd0 = batch()
-    premade = [x.clone() for x in osessl_run.augment(osessl_run, train_x[ids0], rnd0)]  # CUDA graphs reuse outputs
-    workers = os.cpu_count() or 1
-    loader = pil_dataloader(cpu_x, osessl_run.mean.cpu(), osessl_run.std.cpu(), B, workers, device.type == "cuda")
-
-    def pipeline_step(run):
-        ids, rnd = batch()
-        training_step(run, *run.augment(run, train_x[ids], rnd), ids, rnd, 0.01, 0.996)
-
-    def pil_step():
-        x1, x2 = (osessl_run.to_net(x.to(device, non_blocking=True)) for x in next(loader))
-        training_step(osessl_run, x1, x2, ids0, rnd0, 0.01, 0.996)
-    memory, test = (train_x, train_y.to(device)), (test_x.to(device), test_y.to(device))
-    rows = [("OSESSL step, device pipeline (data + augmentation + step)", lambda: pipeline_step(osessl_run)),
-            ("OSESSL step on pre-made tensors (compute only)",
-             lambda: training_step(osessl_run, *premade, ids0, rnd0, 0.01, 0.996)),
-            ("device augmentation alone (weak + strong views)",
-             lambda: osessl_run.augment(osessl_run, train_x[batch()[0]], rnd0)),
-            ("ReSA-only step, device pipeline (lambda = mu = 0)", lambda: pipeline_step(runs["resa"])),
-            (f"OSESSL step fed by a PIL DataLoader ({workers} workers)", pil_step)]
-    if cfg.compile:
-        rows.append(("OSESSL step, device pipeline, eager (no --compile)", lambda: pipeline_step(runs["eager"])))
-    print(f"benchmark: {cfg.dataset}, batch {B}, width {cfg.width}, {C} classes, device {device}"
-          f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
-          f"compile {cfg.compile_mode if cfg.compile else 'off'}, "
-          f"median of 5 x {cfg.benchmark_steps} steps after 5 warm-up steps")
-    print(f"{'what':<60} {'ms/step':>9} {'images/s':>10} {'s/epoch':>8} {'peak MiB':>9}")
-    # the last row times one k-NN evaluation (features of every training and test image, 3 protocols)
-    timed = [(name, fn, cfg.benchmark_steps, 5, B, True) for name, fn in rows] + [
-        (f"k-NN evaluation of {len(train_x)} + {len(test_x)} images (ms per evaluation)",
-         lambda: evaluate(osessl_run, *memory, *test), 1, 1, len(train_x) + len(test_x), False)]
-    for name, fn, steps, warmup, images, is_step in timed:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        sec = time_per_call(fn, device, steps, warmup=warmup)
-        peak = f"{torch.cuda.max_memory_allocated(device) / 2 ** 20:9.0f}" if device.type == "cuda" else f"{'n/a':>9}"
-        epoch = f"{50_000 / (images / sec):8.2f}" if is_step else f"{'-':>8}"
-        print(f"{name:<60} {sec * 1e3:9.1f} {images / sec:10.0f} {epoch} {peak}", flush=True)
-
-
-# ============ 12. Entry point: one process, or one per GPU under torchrun (nanoGPT style) ============
+# ============ 11. Entry point: one process, or one per GPU under torchrun (nanoGPT style) ============
 def cuda_settings():
     """cuDNN picks the fastest convolutions (they run in bf16 under autocast). float32 matrix products
     stay true float32, not TF32: Sinkhorn's similarities and the temperature softmaxes (exp(s / 0.05),
@@ -1446,10 +1347,7 @@ def main(argv=None):
         device = torch.device(f"cuda:{torch.cuda.current_device()}" if use_cuda else "cpu")
         if use_cuda:
             cuda_settings()
-        if cfg.benchmark:
-            benchmark(cfg, device)
-        else:
-            train(cfg, rank, world, device)
+        train(cfg, rank, world, device)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

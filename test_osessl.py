@@ -426,6 +426,61 @@ def test_end_to_end_cli_and_knn_eval(tmp_path):
     assert (tmp_path / "p.png").stat().st_size > 1000
 
 
+def test_summarize_tells_stale_duplicate_and_in_training_figures_apart(tmp_path, capsys):
+    """--summarize: an eval.json older than the run's last epoch is not used (said in a note), two
+    folders holding the same run count once, every row says where its figures come from, and a run
+    evaluated once is still drawn."""
+    import shutil
+    out = tmp_path / "run"
+    assert O.train(tiny_config(tmp_path, "--eval-every", "0"))
+    knn_eval.main(["--checkpoint", str(out / "last.pt")])
+    shutil.copytree(out, tmp_path / "copy")
+    capsys.readouterr()
+    runs = knn_eval.summarize([str(out), str(tmp_path / "copy")], plot=str(tmp_path / "p.png"))
+    text = capsys.readouterr().out
+    assert len(runs) == 1 and "holds the same run as" in text and (tmp_path / "p.png").stat().st_size > 1000
+    assert all(line.endswith("knn_eval") for line in text.splitlines() if "momentum" in line and "ReSA" in line)
+    O.train(O.parse_config(["--resume", str(out / "last.pt"), "--epochs", "3"]))  # extended after evaluation
+    assert "the lr and EMA schedules are recomputed for 3" in capsys.readouterr().out
+    runs = knn_eval.summarize([str(out)])
+    text = capsys.readouterr().out
+    assert "stale, not used" in text and runs[0]["epochs"] == 3
+    assert all(src == "in-training" for _, src in runs[0]["final"].values())
+    O.train(O.parse_config(["--resume", str(out / "last.pt")]))  # finished: says so, writes nothing
+    assert "has finished its 3 epochs" in capsys.readouterr().out
+
+
+def test_reproduction_command_runs_tiny_detached_and_resumes(tmp_path):
+    """results/cifar100-100ep/run.sh as CI runs it (TINY=1: synthetic data, width 8, 2 epochs, two arms,
+    no compile): started detached, smoke, speed and the arms; the arms stopped early (--max-steps, as
+    an interruption would) are resumed by the same command, which skips what is done and finishes."""
+    import time
+    script = os.path.join(HERE, "results", "cifar100-100ep", "run.sh")
+    env = dict(os.environ, TINY="1", OUT=str(tmp_path / "out"), RUNS=str(tmp_path / "runs"), PYTHON=sys.executable,
+               ARM_FLAGS="--max-steps 3")
+    sh = lambda *args: subprocess.run([script, *args], env=env, capture_output=True, text=True, timeout=600)
+    assert "started" in sh("synthetic", "resa", "osessl-s0").stdout
+    deadline = time.time() + 600
+    while "is running" in sh("status").stdout and time.time() < deadline:
+        time.sleep(2)
+    log = (tmp_path / "out" / "run.log").read_text()
+    assert "smoke passed" in log and "speed table written" in log and "stopped at epoch 0 of 2" in log, log
+    assert "started" in sh("status").stdout
+    del env["ARM_FLAGS"]
+    r = sh("--foreground", "synthetic", "resa", "osessl-s0")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "smoke: passed before, skipped" in r.stdout and "speed.txt exists, skipped" in r.stdout
+    assert r.stdout.count("--resume") == 2 and "all done" in r.stdout
+    for arm in ("resa", "osessl-s0"):
+        rows = metrics(tmp_path / "out" / arm)
+        assert [row["epoch"] for row in rows] == [1, 2]
+        assert json.loads((tmp_path / "out" / arm / "eval.json").read_text())["step"] == rows[-1]["step"]
+    assert "ReSA 5-NN" in (tmp_path / "out" / "summary.txt").read_text()
+    assert (tmp_path / "out" / "plot.png").exists() and "ms/step" in (tmp_path / "out" / "speed.txt").read_text()
+    assert sh("status").stdout.count(" done ") == 2
+    assert not [f for f in os.listdir(tmp_path / "out") if f.endswith(".pt")]  # no checkpoint among the results
+
+
 def test_knn_protocols_on_separable_features():
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(5, 16, generator=g) * 5
@@ -1012,13 +1067,21 @@ def test_augmentation_parameters_match_torchvision_distributions():
         assert ours[key].double().mean().item() == pytest.approx(rate, abs=0.012), key
 
 
+def load_script(path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], os.path.join(HERE, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_benchmark_prints_its_table(capsys, monkeypatch):
-    """--benchmark with tiny settings prints every row (timings are not asserted), with --compile
-    also the eager row beside it. (torch.compile is pointed at the aot_eager backend: inductor's
-    code generation would take minutes on a CPU.)"""
+    """results/benchmark.py with tiny settings prints every row (timings are not asserted), with
+    --compile also the eager row beside it. (torch.compile is pointed at the aot_eager backend:
+    inductor's code generation would take minutes on a CPU.)"""
     compile_ = torch.compile
     monkeypatch.setattr(O.torch, "compile", lambda f, mode=None: compile_(f, backend="aot_eager"))
-    O.main(["--benchmark", *TINY, "--benchmark-steps", "1", "--compile"])
+    load_script("results/benchmark.py").main([*TINY, "--steps", "1", "--compile"])
     out = capsys.readouterr().out
     for row in ("device pipeline (data", "pre-made tensors", "augmentation alone", "ReSA-only", "PIL DataLoader",
                 "eager (no --compile)", "k-NN evaluation of 320 + 80 images"):

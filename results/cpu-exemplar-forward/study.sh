@@ -1,5 +1,5 @@
 #!/bin/bash
-# CPU study of issue 12 on a frozen checkout of commit 9c0a66e (/tmp/study_code): 4 exemplar-forward
+# CPU study of issue 12 on a frozen checkout of commit 9c0a66e: 4 exemplar-forward
 # settings x exemplar seeds 0, 1; two single-threaded runs at a time.
 # Ran on 2026-11-24 on the 2-core CPU machine, in two sessions: the first two jobs of each worker (online/alone,
 # momentum/alone) in the first; the joint settings (the last two jobs of each worker) in the second, on the same
@@ -9,10 +9,15 @@
 # (its knn_eval.py was run afterwards), online-joint-s1 after epoch 19, finished by
 #   osessl.py $C --exemplar-select online --exemplar-bn joint --exemplar-seed 1 --resume $R/online-joint-s1/last.pt
 # (resuming continues a run exactly, test_resume_is_exact), then its knn_eval.py as below.
-cd /tmp/study_code
+# From a fresh clone, wherever it lies: run it in a checkout of that commit with the data extracted there,
+#   git worktree add ../study_code 9c0a66e && mkdir -p ../study_code/data && tar -xJf cifar10.tar.xz -C ../study_code/data
+#   STUDY_CODE=../study_code results/cpu-exemplar-forward/study.sh
+# (without STUDY_CODE it runs the code of this checkout, from the repository root). Runs land in runs/xf there.
+cd "${STUDY_CODE:-$(dirname "$0")/../..}"
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONUNBUFFERED=1
-PY=/work/main/.venv/bin/python
-R=/work/main/runs/xf
+PY=${PYTHON:-python3}
+R=runs/xf
+mkdir -p $R
 C="--dataset imagefolder --data-dir data/cifar10 --width 16 --train-limit 2560 --test-limit 1000 --epochs 20 --eval-every 5 --batch-size 128 --bank-size 1024"
 one() {  # select bn seed
   d=$R/$1-$2-s$3

@@ -1,0 +1,96 @@
+"""Helpers of run.sh (beside it): the status table, the last epoch of a run, a generated photo folder,
+and the check that float32 matrix products on CUDA are true float32. Each is one subcommand:
+
+  python tools.py status OUT RUNS EPOCHS ARM ...   each arm's state, epoch, last k-NN, time left
+  python tools.py epoch RUN_DIR                    the last epoch in RUN_DIR/metrics.jsonl (0 if none)
+  python tools.py photos DIR                       10 classes of JPEGs of several sizes (the ImageNet path)
+  python tools.py cuda-float32                     Sinkhorn on CUDA against float64 (fails under TF32)
+"""
+import json
+import os
+import statistics
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def rows(run_dir):
+    try:
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError):
+        return []
+
+
+def status(out, runs, epochs, arms):
+    """One line per arm: done (eval.json), running or stopped (a checkpoint), queued (nothing yet)."""
+    epochs = int(epochs)
+    print(f"{'arm':<26} {'state':<9} {'epoch':>9} {'k-NN 5 (in training)':>21} {'s/epoch':>8} {'time left':>10}")
+    left_total = 0.0
+    for arm in arms:
+        run, res = os.path.join(runs, arm), os.path.join(out, arm)
+        r = rows(run) or rows(res)
+        done = os.path.exists(os.path.join(res, "eval.json"))
+        epoch = r[-1]["epoch"] if r else 0
+        knn = next((row["knn5"] for row in reversed(r) if "knn5" in row), None)
+        recent = [row["seconds"] for row in r[-5:]]
+        per_epoch = statistics.median(recent) if recent else None
+        state = "done" if done else "started" if r else "queued"
+        left = 0 if done else (epochs - epoch) * per_epoch if per_epoch else None
+        left_total += left or 0
+        print(f"{arm:<26} {state:<9} {f'{epoch}/{epochs}':>9} {'-' if knn is None else f'{knn:.2f}':>21} "
+              f"{'-' if per_epoch is None else f'{per_epoch:.1f}':>8} "
+              f"{'-' if left is None else f'{left / 60:.1f} min':>10}")
+    print(f"time left of the started arms, one after another: {left_total / 60:.1f} min (arms run side by side: less)")
+
+
+def epoch(run_dir):
+    r = rows(run_dir)
+    print(r[-1]["epoch"] if r else 0)
+
+
+def photos(root, per_class=20, test_per_class=5):
+    """JPEGs of several sizes and shapes, one colour layout per class: the 224 px ImageFolder path."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for c in range(10):
+        colour = rng.integers(0, 256, 3)
+        for split, n in (("train", per_class), ("test", test_per_class)):
+            os.makedirs(os.path.join(root, split, f"class{c}"), exist_ok=True)
+            for i in range(n):
+                w, h = rng.integers(200, 400, 2)
+                img = np.clip(colour + rng.normal(0, 40, (h, w, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(os.path.join(root, split, f"class{c}", f"{i}.jpg"), quality=90)
+
+
+def cuda_float32():
+    """After osessl's cuda_settings, Sinkhorn's float32 scores on CUDA match float64 to 1e-4 (relative):
+    TF32 matrix products (10-bit mantissa) miss by about 1e-2 at eps = 0.05."""
+    import torch
+    sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+    import osessl
+    osessl.cuda_settings()
+    g = torch.Generator().manual_seed(0)
+    h, hm = (torch.nn.functional.normalize(torch.randn(256, 512, generator=g, dtype=torch.float64), dim=1)
+             for _ in range(2))
+    ref = osessl.sinkhorn(h @ hm.T)
+    got = osessl.sinkhorn(h.float().cuda() @ hm.float().cuda().T).double().cpu()
+    err = ((got - ref).abs().max() / ref.abs().max()).item()
+    print(f"Sinkhorn on CUDA (float32) against float64: max relative error {err:.2e}")
+    if err > 1e-4:
+        sys.exit(f"float32 matrix products on CUDA are not true float32 (TF32?): error {err:.2e} > 1e-4")
+
+
+if __name__ == "__main__":
+    command, args = sys.argv[1], sys.argv[2:]
+    if command == "status":
+        status(args[0], args[1], args[2], args[3:])
+    elif command == "epoch":
+        epoch(args[0])
+    elif command == "photos":
+        photos(args[0])
+    elif command == "cuda-float32":
+        cuda_float32()
+    else:
+        sys.exit(f"unknown command {command}: use status, epoch, photos or cuda-float32")
