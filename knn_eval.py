@@ -1,14 +1,14 @@
-"""knn_eval.py: k-NN evaluation of an osessl encoder (METHOD.md section 8), batched on the device.
+"""knn_eval.py: evaluation of an osessl checkpoint, and the results table of several runs.
 
-Protocols, always reported by name:
-  - ReSA's: 5-NN majority vote, Euclidean distance on the momentum encoder's unnormalised features;
-  - weighted cosine k-NN (InstDisc/DINO style), k = 20 and 200, T = 0.07, same features.
+Protocols, always reported by name, on the momentum encoder's unnormalised 512-d features of the
+un-augmented images (eval-mode BatchNorm), all training images as memory and probe set:
+  - ReSA's: 5-NN majority vote, Euclidean distance (osessl.knn_accuracy, also run during training);
+  - weighted cosine k-NN (InstDisc/DINO style), k = 20 and 200, T = 0.07;
+  - with --linear, ReSA's linear probe (raw features, Adam 1e-2 decayed to 1e-6 over 500 epochs);
+  - one-shot classification: each test image to its nearest exemplar embedding, and to its nearest
+    grounded prototype, using only the C exemplar labels.
+Results are written to eval.json beside the checkpoint.
 
-Also, on a checkpoint: a linear probe on frozen cached features, ReSA's protocol (--linear), and one-shot
-classification (each test image to its nearest exemplar embedding, and to its nearest grounded
-prototype, using only the C exemplar labels). Results are written to eval.json beside the checkpoint.
-
-Used by osessl.py every --eval-every epochs, and on its own:
   python knn_eval.py --checkpoint runs/.../last.pt --dataset imagefolder --data-dir data/cifar100 --linear
   python knn_eval.py --summarize runs/*/ --plot results.png     # results table (+ plot) of several runs
 """
@@ -24,6 +24,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+import osessl
+from osessl import UsageError, embed, extract_features, knn_report
+
 PROTOCOLS = {
     "knn5": "ReSA 5-NN majority vote, Euclidean, momentum encoder",
     "knn20_cos": "weighted cosine 20-NN (T=0.07), momentum encoder",
@@ -35,67 +38,6 @@ PROTOCOLS = {
 # protocols no longer run, still read by --summarize: results/ runs evaluated before 2026-11-25 had a
 # linear probe on standardised features (Adam 1e-3, cosine schedule, 100 epochs)
 EARLIER = {"linear_standardised": "earlier linear probe (standardised features, 100 epochs)"}
-
-
-@torch.no_grad()
-def extract_features(encoder, images, mean, std, to_net=lambda x: x, batch_size=1024):
-    """Unnormalised encoder features (N, e) in float32 of uint8 images (N, 3, H, W), in eval mode
-    (BatchNorm running statistics), no augmentation."""
-    was_training = encoder.training
-    encoder.eval()
-    out = []
-    for chunk in images.split(batch_size):  # images may live on the host (--data-on host): chunks go to the device
-        x = (chunk.to(mean.device, non_blocking=True).float() / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
-            out.append(encoder(to_net(x)).float())
-    encoder.train(was_training)
-    return torch.cat(out)
-
-
-def embed(net, images, mean, std, to_net=lambda x: x):
-    """z = norm(g(f(x))) of uint8 images through a Network's encoder and projector, as extract_features."""
-    projected = torch.nn.Sequential(net.encoder, net.projector)
-    return F.normalize(extract_features(projected, images, mean, std, to_net), dim=1)
-
-
-def _neighbours(train_f, test_f, k, cosine, chunk=1024):
-    """Indices (N_test, k) of the k nearest training features, and their cosine similarities."""
-    idx, sims = [], []
-    for q in test_f.split(chunk):
-        if cosine:
-            s = q @ train_f.T
-        else:  # -||q - t||^2 up to a per-query constant: the ranking of Euclidean distance
-            s = 2 * q @ train_f.T - (train_f * train_f).sum(1)[None]
-        v, i = s.topk(k, dim=1)
-        idx.append(i)
-        sims.append(v)
-    return torch.cat(idx), torch.cat(sims)
-
-
-@torch.no_grad()
-def knn_majority(train_f, train_y, test_f, test_y, num_classes, k=5):
-    """ReSA's protocol: majority vote of the k Euclidean nearest neighbours (ties: lowest class).
-    Returns top-1 accuracy in percent."""
-    idx, _ = _neighbours(train_f.float(), test_f.float(), k, cosine=False)
-    votes = F.one_hot(train_y[idx], num_classes).sum(1)
-    return (votes.argmax(1) == test_y).float().mean().item() * 100
-
-
-@torch.no_grad()
-def knn_weighted_cosine(train_f, train_y, test_f, test_y, num_classes, k=20, T=0.07):
-    """Weighted cosine k-NN: each neighbour votes exp(cos / T) for its class. Accuracy in percent."""
-    train_n, test_n = F.normalize(train_f.float(), dim=1), F.normalize(test_f.float(), dim=1)
-    idx, sims = _neighbours(train_n, test_n, k, cosine=True)
-    votes = (F.one_hot(train_y[idx], num_classes) * (sims / T).exp()[..., None]).sum(1)
-    return (votes.argmax(1) == test_y).float().mean().item() * 100
-
-
-def knn_report(train_f, train_y, test_f, test_y, num_classes):
-    """All k-NN protocols, keyed as in PROTOCOLS (k capped at the memory size)."""
-    n = len(train_f)
-    return {"knn5": knn_majority(train_f, train_y, test_f, test_y, num_classes, min(5, n)),
-            "knn20_cos": knn_weighted_cosine(train_f, train_y, test_f, test_y, num_classes, min(20, n)),
-            "knn200_cos": knn_weighted_cosine(train_f, train_y, test_f, test_y, num_classes, min(200, n))}
 
 
 def probe_optimiser(head, epochs=500, lr=1e-2, final_lr=1e-6, weight_decay=5e-6):
@@ -138,7 +80,6 @@ def read_run(d):
     code). Its final figures say where they come from: knn_eval.py's eval.json (all training images as
     memory) or the last in-training evaluation (the training images in use). An eval.json older than
     the run's last epoch (a run extended with --resume after it was evaluated) is not used."""
-    from osessl import UsageError, dataset_name
     try:  # a malformed file is one line, not a traceback
         cfg = json.load(open(os.path.join(d, "config.json")))
         rows = [json.loads(line) for line in open(os.path.join(d, "metrics.jsonl")) if line.strip()]
@@ -156,7 +97,7 @@ def read_run(d):
         if arm == "OSESSL":  # runs from before the two flags ran what they now call online / alone
             setting = f"{cfg.get('exemplar_select', 'online')}/{cfg.get('exemplar_bn', 'alone')}"
         return dict(dir=d, arm=arm, setting=setting, seed=cfg["exemplar_seed"], final=final, rows=rows, config=cfg,
-                    dataset=dataset_name(cfg["dataset"], cfg["data_dir"]), epochs=rows[-1]["epoch"],
+                    dataset=osessl.dataset_name(cfg["dataset"], cfg["data_dir"]), epochs=rows[-1]["epoch"],
                     classes=cfg["num_classes"], note=note)
     except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
         raise UsageError(f"{d}: not a run directory written by osessl.py ({type(e).__name__}: {e})") from None
@@ -168,7 +109,6 @@ def summarize(run_dirs, plot=None):
     setting (--exemplar-select / --exemplar-bn, one row each); optionally a plot of
     5-NN accuracy, neighbour precision and assignment entropies against epoch."""
     import statistics
-    from osessl import UsageError
     runs = []
     timing = ("seconds", "images_per_s")
     for r in map(read_run, run_dirs):
@@ -242,7 +182,6 @@ def summarize(run_dirs, plot=None):
 
 
 def main(argv=None):
-    import osessl  # imported here: osessl imports this module at the top
     p = osessl._Parser(description="evaluation of osessl checkpoints, and results tables of runs")
     p.add_argument("--checkpoint", help="last.pt written by osessl.py")
     p.add_argument("--dataset", default=None, help="default: the checkpoint's")
@@ -260,11 +199,11 @@ def main(argv=None):
         if args.summarize:
             missing = [d for d in args.summarize if not os.path.exists(os.path.join(d, "metrics.jsonl"))]
             if missing:
-                raise osessl.UsageError(f"{missing[0]} holds no metrics.jsonl: pass run directories written by "
+                raise UsageError(f"{missing[0]} holds no metrics.jsonl: pass run directories written by "
                                         "osessl.py")
             return summarize(args.summarize, args.plot)
         if not args.checkpoint:
-            raise osessl.UsageError("give --checkpoint runs/.../last.pt (or --summarize RUN_DIR ...)")
+            raise UsageError("give --checkpoint runs/.../last.pt (or --summarize RUN_DIR ...)")
         ck = osessl.read_checkpoint(args.checkpoint)
         cfg = osessl.Config(**ck["config"])
         cfg.resume = args.checkpoint
@@ -283,7 +222,8 @@ def main(argv=None):
             keep = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.train_limit]
             train_x, train_y = train_x[keep], train_y[keep]
         net = osessl.Network(cfg.width, cfg.proj_hidden, cfg.proj_dim, cfg.stem)
-        net.load_state_dict(ck["momentum"])
+        bank = osessl.MemoryBank(cfg.bank_size, cfg.proj_dim)
+        osessl.load_parts(args.checkpoint, ck, dict(momentum=net, bank=bank))  # only what this program reads
         net = net.to(device)
         feats = lambda m, x: extract_features(m, x, mean, std)  # host images, device chunks
         t0 = time.time()
@@ -299,14 +239,13 @@ def main(argv=None):
             res["linear"] = linear_probe(train_f, train_y, test_f, test_y, num_classes,
                                          log=lambda epoch: say(f"linear probe: epoch {epoch}/500"))
         test_z, ex_z = (embed(net, x, mean, std) for x in (test_x, exemplar_x))
-        bank = osessl.MemoryBank(cfg.bank_size, cfg.proj_dim, device)
-        bank.load_state_dict(ck["bank"])
+        bank = bank.to(device)
         protos = osessl.build_prototypes(ex_z, bank.feats, bank.valid(), cfg.k, cfg.alpha, cfg.tau_w)[0]
         res.update(one_shot(test_z, test_y, ex_z, protos))
-    except osessl.UsageError as e:
+    except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"{args.checkpoint}: step {ck['step']} (epoch {ck['epoch']}), {cfg.dataset}, "
+    print(f"{args.checkpoint}: step {ck['step']} (epoch {ck.get('epoch')}), {cfg.dataset}, "
           f"{len(train_x)} train / {len(test_x)} test images")
     print(f"{'protocol':<62} top-1 %")
     for key, acc in res.items():

@@ -1,13 +1,18 @@
 """osessl.py: One-Shot Exemplar Self-Supervised Learning (OSESSL, ICLR 2026) in one file.
 
-One labeled image per class grounds a clustering-based self-supervised learner (ReSA) in the
-real class space: exemplar-guided prototypes, a dual-view alignment loss, a dispersion
-regulariser and mixup interpolation consistency. The file reads in the order of the method
-(METHOD.md): config, data, augmentation, networks, ReSA loss, exemplar prototypes, prototype
-losses, interpolation losses, training step, training loop, entry point. To learn the
-method, read sections 5 to 9 (search "5. ReSA"); the rest is plumbing, to read when needed.
+One labeled image per class (an exemplar) grounds a clustering-based self-supervised learner,
+ReSA, in the real class space: each exemplar gathers its most discriminative neighbours from a
+memory bank into a class prototype; unlabeled views learn to predict each other's assignment to
+those prototypes (alignment), the prototypes are pushed apart (dispersion), and mixup images must
+predict interpolated assignments (interpolation consistency):
+    L = L_resa + lambda (L_align + L_disp) + mu (L_mix_proto + L_mix_ins).
+Training reads no label except the C exemplars'.
 
-Run (the same file with or without a launcher):
+The method comes first, as pure functions (sections 1-5: ReSA loss, prototypes, L_proto, L_mix,
+the objective and the training step); networks, data, augmentation, config, the training loop and
+the entry point follow. Section banners name the paper's term each implements.
+
+Run (the same file with or without a launcher; GPU commands: the paper's settings):
   python osessl.py --dataset synthetic --epochs 2                     # quick start, no files
   python osessl.py --dataset imagefolder --data-dir data/cifar100     # offline, real images
   torchrun --standalone --nproc_per_node=1 osessl.py --dataset cifar100
@@ -19,7 +24,6 @@ Run (the same file with or without a launcher):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import math
@@ -38,157 +42,406 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-import knn_eval
-
 CHECKPOINT_FORMAT = 1
 
 
-class UsageError(Exception):
-    """Bad input: reported as one line on stderr with exit code 2, never as a traceback."""
+# ============ 1. ReSA, the base learner: Sinkhorn targets and L_resa ============
+def soft_cross_entropy(target, logits):
+    """CE(target, logits) = -(target * log_softmax(logits)).sum(-1).mean(): rows of `target` are
+    distributions over the columns of `logits`."""
+    return -(target * F.log_softmax(logits, dim=-1)).sum(-1).mean()
 
 
-# ============ 1. Config: the paper's CIFAR settings (METHOD.md section 7) ============
-def opt(default, help, choices=()):
-    return field(default=default, metadata={"help": help, "choices": choices})
+def sinkhorn(scores, eps=0.05, iters=3):
+    """ReSA's target: Sinkhorn-Knopp on exp(scores / eps). scores (B, B_g): cosine similarities of
+    this process's backbone features h_1 (detached) to the momentum features h'_1 of the global batch.
+    Alternately normalises columns (sums all-reduced over processes) and rows; returns A (B, B_g),
+    rows summing to 1, columns approaching equal mass (exactly only after many iterations; ReSA uses 3)."""
+    top = scores.max()
+    if dist.is_initialized():
+        dist.all_reduce(top, op=dist.ReduceOp.MAX)
+    q = torch.exp((scores - top) / eps)  # a global shift cancels in the first normalisation
+    for _ in range(iters):
+        col = q.sum(0, keepdim=True)
+        if dist.is_initialized():
+            dist.all_reduce(col)
+        q = q / col
+        q = q / q.sum(1, keepdim=True)
+    return q
 
 
-@dataclass
-class Config:
-    # data
-    dataset: str = opt("cifar100", "cifar10 | cifar100 (torchvision, downloaded into --data-dir) | imagefolder "
-                       "(DIR/train/<class>/*, DIR/test/<class>/*) | synthetic (generated, no files)",
-                       ("cifar10", "cifar100", "imagefolder", "synthetic"))
-    data_dir: str = opt("./data", "where CIFAR is downloaded, or the ImageFolder root holding train/ and test/")
-    train_limit: int = opt(0, "use only this many unlabeled training images (seeded subset; 0 = all)")
-    test_limit: int = opt(0, "evaluate on only this many test images (seeded subset; 0 = all)")
-    synthetic_classes: int = opt(10, "number of classes of --dataset synthetic")
-    synthetic_per_class: int = opt(64, "training images per class of --dataset synthetic (a quarter as many to test)")
-    image_size: int = opt(0, "imagefolder: resize (short side) and centre-crop every image once, when decoded, to "
-                          "this square size (0 = the images' own size, when they all share one square size)")
-    data_on: str = opt("auto", "where the uint8 images live: device | host (pinned; each batch copied to the device) "
-                       "| auto (the device when the splits take at most half of its free memory)",
-                       ("auto", "device", "host"))
-    # one-shot split
-    exemplar_seed: int = opt(0, "seed that draws the one labeled exemplar per class")
-    exemplars: str = opt("", "JSON file with a list of training indices, one per class (overrides --exemplar-seed)")
-    keep_exemplars_in_unlabeled: bool = opt(False, "paper silent; our default removes the exemplars from D_u")
-    exemplar_select: str = opt("momentum", "paper silent: which network's exemplar embedding scores the bank "
-                               "(discriminative score, top-k): online (z_l) | momentum (the network that fills the "
-                               "bank); members and weights stay online. Default: README's CPU study",
-                               ("online", "momentum"))
-    exemplar_bn: str = opt("joint", "paper silent: the exemplars are forwarded as their own BatchNorm batch (alone) "
-                           "or in one batch with the weak views (joint). Default: README's CPU study",
-                           ("alone", "joint"))
-    # networks
-    width: int = opt(64, "ResNet-18 base width (64 = the real ResNet-18; tests use 8 or 16 to run fast)")
-    stem: str = opt("auto", "ResNet stem: cifar (3x3 conv, no max-pool) | cifar-pad (the same after zero-padding the "
-                    "input by 1 px: ReSA's official CIFAR encoder, maps 34/17/9/5 at 32 px, 27%% more compute) | "
-                    "imagenet (torchvision's 7x7/2 conv + max-pool) | auto (cifar up to 64 px, imagenet above)",
-                    ("auto", "cifar", "cifar-pad", "imagenet"))
-    proj_hidden: int = opt(2048, "projector hidden size")
-    proj_dim: int = opt(512, "projector output size d")
-    # optimisation
-    epochs: int = opt(1000, "training epochs (the paper: 1000 on CIFAR)")
-    batch_size: int = opt(256, "images per process and step (global batch = this x number of processes)")
-    lr: float = opt(0.3, "base learning rate for a global batch of 256 (scaled linearly)")
-    weight_decay: float = opt(1e-4, "SGD weight decay, applied to every parameter")
-    warmup_epochs: int = opt(2, "linear warm-up epochs, then cosine to --final-lr-ratio x lr")
-    final_lr_ratio: float = opt(0.1, "learning rate at the end of the cosine schedule, relative to lr")
-    ema_start: float = opt(0.996, "momentum-encoder EMA coefficient at step 0, cosine to 1")
-    # ReSA (section 3)
-    sinkhorn_eps: float = opt(0.05, "Sinkhorn entropic regularisation")
-    sinkhorn_iters: int = opt(3, "Sinkhorn iterations (ReSA uses 3)")
-    resa_temp: float = opt(0.4, "temperature of the ReSA and instance-mixup logits")
-    # OSESSL (sections 4-7)
-    lambda_proto: float = opt(1.0, "weight lambda of L_proto = L_align + L_disp (0 with --mu-mix 0 gives ReSA)")
-    mu_mix: float = opt(1.0, "weight mu of L_mix (1.0 on CIFAR, 0.25 on ImageNet)")
-    bank_size: int = opt(4096, "memory bank size K (FIFO of momentum weak-view embeddings)")
-    k: int = opt(8, "neighbours per exemplar")
-    alpha: float = opt(0.75, "discriminative score: weight of own-exemplar similarity vs nearest other exemplar")
-    tau_w: float = opt(1.0, "temperature of the prototype member weights; paper writes none, we use 1.0")
-    tau_s: float = opt(0.1, "student temperature")
-    tau_t: float = opt(0.04, "teacher temperature (sharper)")
-    zeta: float = opt(1.0, "mixup Beta(zeta, zeta) parameter; paper silent, 1.0 = uniform")
-    blur: str = opt("auto", "Gaussian blur in the strong view, p=0.5, sigma in [0.1, 2] px, kernel 2 round(S/20) + 1 "
-                    "(ReSA's ImageNet recipe; the paper is silent): on | off | auto (on above 64 px)",
-                    ("auto", "on", "off"))
-    dispersion: str = opt("mean", "mean (the paper's text) | logsumexp (contrastive form, pushes closest pairs "
-                          "hardest)", ("mean", "logsumexp"))
-    # run
-    seed: int = opt(0, "seed of the network init, epoch permutations and augmentation")
-    eval_every: int = opt(10, "k-NN evaluation every this many epochs (and after the last); 0 = only at the end")
-    max_steps: int = opt(0, "stop after this many optimiser steps in total (0 = run all epochs); for tests")
-    out: str = opt("", "run directory (default runs/<dataset>-<method>-<timestamp>)")
-    overwrite: bool = opt(False, "allow writing into a --out that already holds another run")
-    resume: str = opt("", "checkpoint (last.pt) to continue from")
-    compile: bool = opt(False, "torch.compile the augmentation and the whole objective (networks, Sinkhorn, "
-                        "prototypes, losses)")
-    compile_mode: str = opt("default", "torch.compile mode with --compile (reduce-overhead: CUDA graphs)",
-                            ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
-    device: str = opt("", "cuda | cpu (default: cuda when available)")
-    float64: bool = opt(False, "CPU only: compute in float64 (tests use it to tell real differences from roundoff)")
-
-    @property
-    def uses_exemplars(self):
-        """False for plain ReSA (lambda = mu = 0): exemplars are then not even forwarded."""
-        return self.lambda_proto > 0 or self.mu_mix > 0
+def resa_loss(z1, z2, k1, k2, assignment, temperature=0.4):
+    """L_resa: each view's embedding predicts, over the other view's momentum embeddings of the
+    global batch, the Sinkhorn target A: (CE(A, z_1 z'_2^T / T) + CE(A, z_2 z'_1^T / T)) / 2.
+    z1, z2: (B, d) online embeddings, L2-normalised; k1, k2: (B_g, d) momentum embeddings,
+    L2-normalised, no gradient; assignment: (B, B_g)."""
+    return (soft_cross_entropy(assignment, z1 @ k2.T / temperature)
+            + soft_cross_entropy(assignment, z2 @ k1.T / temperature)) / 2
 
 
-# settings of how a run is carried out, not of what it learns: a resumed run takes them from its command line
-RUN_CONTROL = ("out", "overwrite", "resume", "max_steps", "compile", "compile_mode", "device", "data_on")
-POSITIVE = ("epochs", "batch_size", "lr", "k", "bank_size", "sinkhorn_eps", "resa_temp", "tau_w", "tau_s", "tau_t",
-            "zeta", "width", "sinkhorn_iters")
-NON_NEGATIVE = ("lambda_proto", "mu_mix", "weight_decay", "warmup_epochs", "final_lr_ratio", "eval_every", "max_steps",
-                "train_limit", "test_limit")
+# ============ 2. Exemplar-guided prototype construction: memory bank, discriminative score ============
+class MemoryBank(nn.Module):
+    """M: a FIFO queue of the last K momentum embeddings z'_1 of unlabeled weak views, feats (K, d).
+    `ids` records which training image each slot holds (read by the neighbour-precision diagnostic
+    only). Pointer and fill count are device tensors, so enqueueing never waits for the host; being
+    buffers, they save and load (strictly) with the module's state_dict."""
+
+    def __init__(self, size, dim, device=None):
+        super().__init__()
+        self.register_buffer("feats", torch.zeros(size, dim, device=device))
+        self.register_buffer("ids", torch.full((size,), -1, dtype=torch.long, device=device))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long, device=device))
+        self.register_buffer("filled", torch.zeros((), dtype=torch.long, device=device))
+
+    @torch.no_grad()
+    def enqueue(self, feats, ids):
+        K = len(self.feats)
+        slots = (self.ptr + torch.arange(len(feats), device=feats.device)) % K
+        self.feats[slots] = feats
+        self.ids[slots] = ids
+        self.ptr.copy_((self.ptr + len(feats)) % K)
+        self.filled.copy_((self.filled + len(feats)).clamp(max=K))
+
+    def valid(self):
+        """(K,) bool: the slots filled so far; only they take part."""
+        return torch.arange(len(self.feats), device=self.feats.device) < self.filled
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not argparse's usage block
-        print(f"error: {message} (see python osessl.py --help)", file=sys.stderr)
-        sys.exit(2)
+def discriminative_scores(feats, exemplars, alpha=0.75):
+    """s(c, j) = alpha <m_j, z_l^c> - (1 - alpha) max_{c' != c} <m_j, z_l^c'>: bank entry m_j scores
+    high for class c when it is close to c's exemplar and far from every other class's, so an entry
+    close to its own exemplar but closer still to another is not chosen. feats: (K, d) bank entries,
+    exemplars: (C, d) exemplar embeddings (pass them detached), both L2-normalised -> (C, K)."""
+    if len(exemplars) < 2:
+        raise ValueError(f"exemplars: the discriminative score compares each exemplar with the nearest other, so it "
+                         f"needs at least 2, got {len(exemplars)}")
+    sim = exemplars @ feats.T                                  # (C, K)
+    top2 = sim.topk(2, dim=0)                                  # best and second-best exemplar per entry
+    is_best = torch.arange(sim.shape[0], device=sim.device)[:, None] == top2.indices[0][None]
+    other = torch.where(is_best, top2.values[1][None], top2.values[0][None])
+    return alpha * sim - (1 - alpha) * other
 
 
-def build_parser(defaults=True):
-    p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in fields(Config):
-        flag, default = "--" + f.name.replace("_", "-"), f.default if defaults else argparse.SUPPRESS
-        if isinstance(f.default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f.metadata["help"])
+def build_prototypes(exemplars, feats, valid, k=8, alpha=0.75, tau_w=1.0, select_by=None):
+    """The prototype of class c: c^c = norm(sum_j pi^(c,j) q^(c,j)) over P^c = {z_l^c} U S_c, S_c the
+    top-k bank entries by s(c, .), with soft weights pi^(c,.) = softmax_j(<z_l^c, q^(c,j)> / tau_w).
+    exemplars: (C, d) online exemplar embeddings z_l, L2-normalised, with gradient (it reaches the
+    network through the weights and as a member); feats: (K, d) bank entries, L2-normalised, no
+    gradient; valid: (K,) bool, the filled slots (the others get weight 0); select_by: (C, d) other
+    exemplar embeddings that score the bank instead (--exemplar-select momentum), for the choice only.
+    The top-k choice is discrete and passes no gradient. Returns prototypes (C, d), neighbour indices
+    (C, k) and weights (C, k + 1), column 0 the exemplar's."""
+    if k > len(feats):
+        raise ValueError(f"k = {k} neighbours per exemplar is more than the memory bank's {len(feats)} entries")
+    key = exemplars if select_by is None else select_by
+    scores = discriminative_scores(feats, key.detach(), alpha).masked_fill(~valid[None], float("-inf"))
+    top, idx = scores.topk(k, dim=1)                           # a discrete choice: no gradient
+    members = torch.cat([exemplars[:, None], feats[idx]], 1)   # (C, k + 1, d)
+    logits = (exemplars[:, None] * members).sum(-1) / tau_w
+    logits = torch.cat([logits[:, :1], logits[:, 1:].masked_fill(top == float("-inf"), float("-inf"))], 1)
+    weights = logits.softmax(1)
+    return F.normalize((weights[..., None] * members).sum(1), dim=-1), idx, weights
+
+
+def neighbour_precision(nbr, bank, labels):
+    """Diagnostic, never a loss: the fraction of chosen (filled) neighbours nbr (C, k) of a MemoryBank
+    whose true label (labels: (N,) of the training images) is their exemplar's class c. It reads
+    labels that training never uses."""
+    valid = bank.valid()[nbr]
+    hit = (labels[bank.ids[nbr]] == torch.arange(len(nbr), device=nbr.device)[:, None]) & valid
+    return hit.sum() / valid.sum().clamp_min(1)
+
+
+# ============ 3. Exemplar-guided prototype learning: L_proto = L_align + L_disp ============
+def assign(z, prototypes, tau):
+    """Soft assignment to the prototypes, p = softmax(z c^T / tau): (N, d) x (C, d) -> (N, C). The
+    student uses tau_s = 0.1; the teacher p' uses momentum embeddings, detached prototypes and the
+    sharper tau_t = 0.04."""
+    return (z @ prototypes.T / tau).softmax(-1)
+
+
+def align_loss(z1, z2, prototypes, target1, target2, tau_s=0.1):
+    """L_align, dual-view alignment: each view predicts the other view's teacher assignment,
+    (CE(p'_2, z_1 c^T / tau_s) + CE(p'_1, z_2 c^T / tau_s)) / 2. z1, z2: (B, d) online embeddings,
+    L2-normalised; prototypes: (C, d); target1, target2: (B, C) teacher assignments p'_1, p'_2 (no
+    gradient). Its gradient on z is (E_p[c] - E_p'[c]) / tau_s: z moves towards the prototype
+    centroid of its target."""
+    return (soft_cross_entropy(target2, z1 @ prototypes.T / tau_s)
+            + soft_cross_entropy(target1, z2 @ prototypes.T / tau_s)) / 2
+
+
+def dispersion_loss(prototypes, tau_s=0.1, mode="mean"):
+    """L_disp pushes the C prototypes (C, d) apart. mean (the paper's text): the mean of
+    <c^c, c^c'> / tau_s over pairs c != c', every pair pushed equally. logsumexp (the contrastive
+    form): (1/C) sum_c log mean_{c' != c} exp(<c^c, c^c'> / tau_s), the closest pairs pushed hardest."""
+    C = prototypes.shape[0]
+    sim = prototypes @ prototypes.T / tau_s
+    off = ~torch.eye(C, dtype=torch.bool, device=sim.device)
+    if mode == "mean":  # (a boolean-mask index would wait for the device to count the mask)
+        return sim.masked_fill(~off, 0).sum() / (C * (C - 1))
+    return (torch.logsumexp(sim.masked_fill(~off, float("-inf")), dim=1) - math.log(C - 1)).mean()
+
+
+# ============ 4. Exemplar-guided interpolation consistency: L_mix = L_mix_proto + L_mix_ins ============
+# A mixed image x_m,i = beta_i x1_i + (1 - beta_i) x2_r(i) (weak view of i, strong view of its partner
+# r(i), beta_i ~ Beta(zeta, zeta)) must predict the same mixture of its two sources' targets.
+def interpolation_targets(beta, first, second):
+    """beta_i first_i + (1 - beta_i) second_i for beta (B,) and distributions first, second (B, N)."""
+    return beta[:, None] * first + (1 - beta[:, None]) * second
+
+
+def instance_mix_target(beta, own, partner, n_global):
+    """Target over the 2 B_g momentum embeddings [z'_1 ; z'_2]: beta_i on column own_i (weak view of
+    i), 1 - beta_i on column B_g + partner_i (strong view of the partner); indices are global."""
+    target = torch.zeros(len(beta), 2 * n_global, dtype=beta.dtype, device=beta.device)
+    target.scatter_(1, own[:, None], beta[:, None])  # (B, 2 B_g) without a (2 B_g)^2 identity
+    return target.scatter_add_(1, n_global + partner[:, None], 1 - beta[:, None])
+
+
+def mix_proto_loss(z_mix, prototypes, target, tau_s=0.1):
+    """L_mix_proto = CE(p_m, z_m c^T / tau_s): z_mix (B, d) online embeddings of the mixed images,
+    L2-normalised; target p_m (B, C), the interpolated teacher assignments. The step passes detached
+    prototypes (our choice): mixed points move, prototypes are not dragged towards class boundaries."""
+    return soft_cross_entropy(target, z_mix @ prototypes.T / tau_s)
+
+
+def mix_instance_loss(z_mix, keys, target, temperature=0.4):
+    """L_mix_ins = CE(target, z_m [z'_1 ; z'_2]^T / T): keys (2 B_g, d) momentum embeddings, no
+    gradient; target (B, 2 B_g) from instance_mix_target."""
+    return soft_cross_entropy(target, z_mix @ keys.T / temperature)
+
+
+# ============ 5. The objective L = L_resa + lambda L_proto + mu L_mix, and the training step ============
+def gather(x):
+    """Concatenate x from every process along dim 0 (no gradient)."""
+    if not dist.is_initialized():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def augment_views(run, images, rnd):
+    """Weak and strong views of this process's uint8 images (B, 3, H, W): its rows of the step's draws."""
+    rows = slice(run.rank * images.shape[0], (run.rank + 1) * images.shape[0])
+    local = lambda p: {k: v[rows] for k, v in p.items()}
+    return (run.to_net(augment(images, local(rnd.weak), run.mean, run.std, strong=False)),
+            run.to_net(augment(images, local(rnd.strong), run.mean, run.std, strong=True)))
+
+
+def forward_views(net, views, xe, joint):
+    """h of the weak view views[0], z of every view, and z of the exemplar views xe (None: none are
+    forwarded). --exemplar-bn: the exemplars as a BatchNorm batch of their own (alone) or in one batch
+    with the weak view (joint; the weak view's rows are then the first B)."""
+    if xe is None:
+        return (*net(*views), None)
+    if not joint:
+        h, z = net(*views, xe)
+        return h, z[:-1], z[-1]
+    B = views[0].shape[0]
+    h, z = net(torch.cat([views[0], xe]), *views[1:])
+    return h[:B], [z[0][:B], *z[1:]], z[0][B:]
+
+
+def all_exemplars(run, z):
+    """Each process forwards the exemplars rank, rank + W, ... (so that synchronised BatchNorm sees
+    every exemplar once, whatever W); this puts the C rows together on every process, with gradient."""
+    if run.world == 1:
+        return z
+    full = z.new_zeros(run.num_classes, z.shape[1]).slice_scatter(z, 0, run.rank, None, run.world)
+    return differentiable_sum(full)
+
+
+def objective(run, x1, x2, ids, rnd):
+    """L for this process's weak and strong views (B, 3, H, W); ids: global sample ids (B_g,).
+    Reads the memory bank and changes no state but BatchNorm's running statistics, so that
+    --compile can make it one graph (both networks, Sinkhorn, prototypes, every loss term; tested).
+    Returns L, its terms (detached) and the momentum weak-view embeddings of the global batch, the
+    bank's next entries."""
+    cfg, B, Bg = run.cfg, x1.shape[0], ids.shape[0]
+    rows = slice(run.rank * B, (run.rank + 1) * B)
+    views, xe = [x1, x2], None
+    if cfg.mu_mix > 0:
+        beta, partner = rnd.beta[rows], rnd.partner[rows]
+        b = beta.view(-1, 1, 1, 1)
+        views.append(b * x1 + (1 - b) * gather(x2)[partner])
+    if cfg.uses_exemplars:  # one weak view of each of this process's exemplars
+        mine = slice(run.rank, None, run.world)
+        xe = run.to_net(augment(run.exemplar_images[mine], {k: v[mine] for k, v in rnd.exemplar.items()},
+                                run.mean, run.std, strong=False))
+    joint, by_momentum = cfg.exemplar_bn == "joint", cfg.exemplar_select == "momentum"
+
+    with torch.no_grad(), run.autocast():
+        h1m, (z1m, z2m), em = forward_views(run.momentum_net, [x1, x2], xe if by_momentum else None, joint)
+    h1m, z1m, z2m = gather(h1m), gather(z1m), gather(z2m)      # (B_g, .) global momentum outputs
+    with run.autocast():
+        h1, z, e = forward_views(run.online, views, xe, joint)
+    with torch.no_grad():
+        A = sinkhorn(F.normalize(h1, dim=-1) @ F.normalize(h1m, dim=-1).T, cfg.sinkhorn_eps, cfg.sinkhorn_iters)
+    losses = {"resa": resa_loss(z[0], z[1], z1m, z2m, A, cfg.resa_temp)}
+    loss = losses["resa"]
+    if cfg.uses_exemplars:
+        valid = run.bank.valid()
+        protos, nbr, _ = build_prototypes(all_exemplars(run, e), run.bank.feats, valid, cfg.k, cfg.alpha, cfg.tau_w,
+                                          select_by=all_exemplars(run, em) if by_momentum else None)
+        with torch.no_grad():  # teacher assignments p'_v of the global batch against sg(c)
+            t1, t2 = assign(z1m, protos, cfg.tau_t), assign(z2m, protos, cfg.tau_t)
+            losses["nbr_precision"] = neighbour_precision(nbr, run.bank, run.labels)
+            entropy = lambda p: -(p * p.clamp_min(1e-12).log()).sum(-1)  # nats; log C = uniform
+            losses["assign_entropy"] = entropy(t1).mean()  # how sharp each image's p'_1 is
+            losses["usage_entropy"] = entropy(t1.mean(0))  # how evenly the batch spreads over the C prototypes
+        losses["align"] = align_loss(z[0], z[1], protos, t1[rows], t2[rows], cfg.tau_s)
+        losses["disp"] = dispersion_loss(protos, cfg.tau_s, cfg.dispersion)
+        loss = loss + cfg.lambda_proto * (losses["align"] + losses["disp"])
+        if cfg.mu_mix > 0:
+            own = torch.arange(B, device=beta.device) + run.rank * B
+            target = interpolation_targets(beta, t1[rows], t2[partner])
+            losses["mix_proto"] = mix_proto_loss(z[2], protos.detach(), target, cfg.tau_s)
+            target = instance_mix_target(beta, own, partner, Bg)
+            losses["mix_ins"] = mix_instance_loss(z[2], torch.cat([z1m, z2m]), target, cfg.resa_temp)
+            loss = loss + cfg.mu_mix * (losses["mix_proto"] + losses["mix_ins"])
+    losses["loss"] = loss
+    return loss, {k: v.detach() for k, v in losses.items()}, z1m
+
+
+def training_step(run, x1, x2, ids, rnd, lr, m):
+    """One optimiser step: L, backward, SGD, EMA of the momentum network, enqueue into the bank.
+    Returns the loss terms as device tensors: nothing here waits for the device (tested)."""
+    loss, losses, z1m = run.objective(run, x1, x2, ids, rnd)
+    for group in run.opt.param_groups:
+        group["lr"] = lr
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    run.opt.step()
+    ema_update(run.momentum_net, run.net, m)
+    if run.cfg.uses_exemplars:
+        run.bank.enqueue(z1m, ids)
+    return losses
+
+
+# ============ 6. Networks: ResNet-18 (CIFAR stem), projector, momentum copies ============
+def basic_block(cin, cout, stride):
+    """torchvision's ResNet BasicBlock, with the 1x1 projection shortcut where the shape changes."""
+    from torchvision.models.resnet import BasicBlock
+    shortcut = None if stride == 1 and cin == cout else \
+        nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+    return BasicBlock(cin, cout, stride, shortcut)
+
+
+class ResNet18(nn.Module):
+    """torchvision's resnet18 without fc, with the CIFAR stem (3x3 conv, stride 1, no max-pool) or
+    torchvision's own (7x7 conv, stride 2, max-pool) for larger images. Same module names, so state
+    dicts interchange with torchvision's (a test checks parity); `width` scales every stage (64 =
+    ResNet-18; smaller widths keep CPU tests fast). stem "cifar-pad" is ReSA's official CIFAR
+    encoder: the CIFAR stem after zero-padding the input by 1 px (no parameters, so the state dict
+    is the same)."""
+
+    def __init__(self, width=64, stem="cifar"):
+        super().__init__()
+        cifar = stem in ("cifar", "cifar-pad")
+        self.pad = nn.ZeroPad2d(1) if stem == "cifar-pad" else nn.Identity()
+        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False) if cifar else nn.Conv2d(3, width, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.Identity() if cifar else nn.MaxPool2d(3, 2, 1)
+        widths = [width, 2 * width, 4 * width, 8 * width]
+        cin = width
+        for i, (w, stride) in enumerate(zip(widths, (1, 2, 2, 2))):
+            setattr(self, f"layer{i + 1}", nn.Sequential(basic_block(cin, w, stride), basic_block(w, w, 1)))
+            cin = w
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Identity()
+        self.dim = cin
+        for m in self.modules():  # torchvision's initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(self.pad(x)))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class Network(nn.Module):
+    """Encoder f and projector g. One call forwards several views *separately* (each its own
+    BatchNorm batch, as ReSA does), so that DDP sees one forward per step."""
+
+    def __init__(self, width=64, hidden=2048, dim=512, stem="cifar"):
+        super().__init__()
+        self.encoder = ResNet18(width, stem)
+        e = self.encoder.dim
+        self.projector = nn.Sequential(  # biases before BN would be cancelled by it
+            nn.Linear(e, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, dim, bias=False), nn.BatchNorm1d(dim, affine=False))
+
+    def forward(self, *views):
+        """Returns h of the first view (B, e) and z = norm(g(f(x))) of every view, in float32 (the
+        losses' precision, also under bf16 autocast)."""
+        hs = [self.encoder(v) for v in views]
+        full = lambda t: t.to(torch.get_default_dtype())
+        return full(hs[0]), [F.normalize(full(self.projector(h)), dim=-1) for h in hs]
+
+
+def differentiable_sum(x):
+    """Sum of x over processes whose backward sums the gradients too (each process's gradient then
+    reaches whatever it contributed)."""
+    from torch.distributed.nn.functional import all_reduce
+    with warnings.catch_warnings():  # torch 2.14 deprecates it for a private module; 2.11 has only this
+        warnings.simplefilter("ignore", FutureWarning)
+        return all_reduce(x)
+
+
+class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """SyncBatchNorm for CPU processes (gloo): torch's SyncBatchNorm runs on GPUs only. Batch
+    statistics are summed over processes with a differentiable all-reduce."""
+
+    def _check_input_dim(self, x):
+        pass
+
+    def forward(self, x):
+        if not (self.training and dist.is_initialized()):
+            return super().forward(x)
+        dims = [0] + list(range(2, x.dim()))
+        n = torch.tensor(float(x.numel() // x.shape[1]))
+        stats = differentiable_sum(torch.cat([x.sum(dims), (x * x).sum(dims), n.view(1)]))
+        c = x.shape[1]
+        total = stats[-1]
+        mean = stats[:c] / total
+        var = stats[c:2 * c] / total - mean * mean
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * total / (total - 1), self.momentum)
+        shape = [1, c] + [1] * (x.dim() - 2)
+        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+
+
+def sync_batchnorm(module, device):
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            new = CPUSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine)
+            new.load_state_dict(child.state_dict())
+            setattr(module, name, new)
         else:
-            p.add_argument(flag, type=type(f.default), default=default, help=f.metadata["help"])
-    return p
+            sync_batchnorm(child, device)
+    return module
 
 
-def parse_config(argv=None) -> Config:
-    cfg = Config(**vars(build_parser().parse_args(argv)))
-    if cfg.resume:  # the run's own settings, except those given on this command line
-        given = vars(build_parser(defaults=False).parse_args(argv))
-        saved = {k: v for k, v in read_checkpoint(cfg.resume)["config"].items() if k not in RUN_CONTROL}
-        cfg = Config(**{**asdict(cfg), **saved, **given})
-    check_config(cfg)
-    return cfg
+@torch.no_grad()
+def ema_update(momentum_net, online_net, m):
+    """theta' <- m theta' + (1 - m) theta, after each optimiser step."""
+    torch._foreach_lerp_(list(momentum_net.parameters()), list(online_net.parameters()), 1 - m)
 
 
-def check_config(cfg: Config):
-    flag = lambda name: "--" + name.replace("_", "-")
-    if cfg.image_size and not 8 <= cfg.image_size <= 4096:
-        raise UsageError(f"--image-size must lie in 8..4096 pixels (0 = the images' own size), got {cfg.image_size}")
-    for f in fields(cfg):
-        value, choices = getattr(cfg, f.name), f.metadata["choices"]
-        if f.name in POSITIVE and not value > 0:
-            raise UsageError(f"{flag(f.name)} must be positive, got {value}")
-        if f.name in NON_NEGATIVE and value < 0:
-            raise UsageError(f"{flag(f.name)} must be >= 0, got {value}")
-        if f.name in ("ema_start", "alpha") and not 0 <= value <= 1:
-            raise UsageError(f"{flag(f.name)} must lie in [0, 1], got {value}")
-        if choices and value not in choices:
-            raise UsageError(f"unknown {flag(f.name)} {value!r}: use {', '.join(choices[:-1])} or {choices[-1]}")
-    if cfg.k > cfg.bank_size:
-        raise UsageError(f"--k {cfg.k} is larger than the memory bank (--bank-size {cfg.bank_size}): lower k or "
-                         "enlarge the bank")
+def ema_schedule(step, total_steps, start):
+    return 1 - (1 - start) * (math.cos(math.pi * step / total_steps) + 1) / 2
 
 
-# ============ 2. Data and the one-shot setting (METHOD.md section 1) ============
+# ============ 7. Data and the one-shot setting ============
 # Every split is decoded once into a uint8 tensor (N, 3, H, W) that lives on the training device;
 # augmentation then runs there too, so the training loop never touches PIL or a DataLoader.
 
@@ -198,109 +451,84 @@ def load_cifar(cfg):
     try:
         splits = [cls(cfg.data_dir, train=t, download=True) for t in (True, False)]
     except Exception as e:  # offline machines land here
-        name = cfg.dataset
-        raise UsageError(f"could not download {name} into {cfg.data_dir} ({type(e).__name__}); offline, extract an "
-                         f"ImageFolder copy (tar -xJf ../shared/data/{name}.tar.xz -C data) and run "
-                         f"--dataset imagefolder --data-dir data/{name}") from None
+        folder = "cifar-10-batches-py" if cfg.dataset == "cifar10" else "cifar-100-python"
+        raise UsageError(f"could not download {cfg.dataset} into {cfg.data_dir} ({type(e).__name__}); offline, copy "
+                         f"torchvision's {folder}/ into --data-dir, or give an ImageFolder copy (DIR/train/<class>/*, "
+                         "DIR/test/<class>/*) as --dataset imagefolder --data-dir DIR") from None
     out = []
     for s in splits:
         out += [torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets)]
     return (*out, len(splits[0].classes))
 
 
-def _list_split(root, split):
-    """Class names and (path, class) of every image file (torchvision's IMG_EXTENSIONS) under root/split."""
+def decode_image(path, size):
+    """One image file -> uint8 (3, S, S): RGB (from grayscale, palette, RGBA, CMYK, ...), the short side
+    resized to S and centre-cropped. Returns the error's name for an unreadable file (it runs in
+    DataLoader workers, which cannot stop the run with a one-line error). Module level: workers pickle it."""
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (size, size))  # JPEG: decode at the smallest scale that still covers S (cheap)
+            im = im.convert("RGB")
+            return TF.pil_to_tensor(TF.center_crop(TF.resize(im, size) if min(im.size) != size else im, size))
+    except Exception as e:
+        return type(e).__name__
+
+
+def load_imagefolder_split(root, split, size=0):
+    """Decode DIR/split/<class>/* once into uint8 (N, 3, S, S), on every CPU core, and cache it next to
+    the data when writable. torchvision's ImageFolder finds the classes and image files; hidden files
+    (._*, .DS_Store) are skipped. size 0: S is the first image's short side. Returns images, labels, classes."""
+    from torchvision.datasets import ImageFolder
     from torchvision.datasets.folder import IMG_EXTENSIONS
     top = os.path.join(root, split)
     if not os.path.isdir(top):
         raise UsageError(f"{top} is not a directory: --data-dir must hold train/<class>/* and test/<class>/*")
-    classes = sorted(e.name for e in os.scandir(top) if e.is_dir())
-    if not classes:
-        raise UsageError(f"{top} has no class folders: expected {top}/<class>/<image>")
-    files = []
-    for c, name in enumerate(classes):
-        d = os.path.join(top, name)
-        names = sorted(n for n in os.listdir(d) if n.lower().endswith(IMG_EXTENSIONS) and not n.startswith("."))
-        if not names:
-            raise UsageError(f"empty class folder {d}: every class needs an image ({' '.join(IMG_EXTENSIONS)})")
-        files += [(os.path.join(d, n), c) for n in names]
-    return classes, files
-
-
-def decode_image(path, size=0):
-    """One image file -> uint8 array (S, S, 3): RGB (from grayscale, palette, RGBA, CMYK, ...), the short
-    side resized to S and centre-cropped; size 0 keeps the image as it is. Returns an error string
-    for an unreadable file (it runs in worker processes)."""
-    import numpy as np
-    from PIL import Image
+    is_image = lambda p: p.lower().endswith(IMG_EXTENSIONS) and not os.path.basename(p).startswith(".")
     try:
-        with Image.open(path) as im:
-            if size:
-                im.draft("RGB", (size, size))  # JPEG: decode at the smallest scale that still covers S (cheap)
-            im = im.convert("RGB")
-            if size and im.size != (size, size):
-                w, h = im.size
-                scale = size / min(w, h)
-                im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
-                left, top = (im.width - size) // 2, (im.height - size) // 2
-                im = im.crop((left, top, left + size, top + size))
-            return np.asarray(im).copy()
-    except Exception as e:
-        return f"{type(e).__name__}"
-
-
-def map_images(fn, paths, what, workers=None):
-    """fn over image files on every CPU core (in order), with a progress line every 10 s for long
-    jobs; an unreadable file (fn returned an error string) stops the run with one line naming it."""
-    from concurrent.futures import ProcessPoolExecutor
-    workers = workers or os.cpu_count() or 1
-    serial = workers == 1 or len(paths) < 2000  # small folders: worker start-up would cost more
-    t0 = t_print = time.time()
-    with contextlib.nullcontext() if serial else ProcessPoolExecutor(workers) as pool:
-        results = map(fn, paths) if serial else pool.map(fn, paths, chunksize=256)
-        for i, (path, out) in enumerate(zip(paths, results)):
-            if isinstance(out, str):
-                raise UsageError(f"cannot read image {path} ({out}): remove or replace the file")
-            if time.time() - t_print > 10:
-                t_print = time.time()
-                print(f"  {what}: {i}/{len(paths)} ({i / (t_print - t0):.0f}/s, {workers} processes)", flush=True)
-            yield out
-
-
-def load_imagefolder_split(root, split, size=0):
-    """Decode DIR/split/<class>/* once into uint8 (N, 3, S, S); cached next to the data when writable.
-    size 0: the images' own size, which must be one square size for all."""
-    classes, files = _list_split(root, split)
-    paths, labels = [p for p, _ in files], torch.tensor([c for _, c in files])
+        ds = ImageFolder(top, is_valid_file=is_image)
+    except FileNotFoundError as e:  # no class folder, or a class folder without an image
+        raise UsageError(f"{top}: {e} (an empty class folder needs an image, or must go)") from None
+    paths, labels = [p for p, _ in ds.samples], torch.tensor(ds.targets)
+    if not size:
+        from PIL import Image
+        with Image.open(paths[0]) as im:
+            size = min(im.size)
     listing = [size] + [(os.path.relpath(p, root), os.path.getsize(p)) for p in paths]
     key = hashlib.sha1(json.dumps(listing).encode()).hexdigest()  # a changed file or size: decode anew
     cache = os.path.join(root, f".osessl-cache-{split}.pt")
     try:  # tensors and plain data only: a crafted cache cannot run code, a wrong one is decoded anew
         c = torch.load(cache, weights_only=True)
         x = c["x"]
-        if c["key"] == key and x.dtype == torch.uint8 and x.dim() == 4 and x.shape[:2] == (len(files), 3) \
-                and (not size or x.shape[2:] == (size, size)) and torch.equal(c["y"], labels):
-            return x, labels, classes
+        if c["key"] == key and x.dtype == torch.uint8 and x.shape == (len(paths), 3, size, size) \
+                and torch.equal(c["y"], labels):
+            return x, labels, ds.classes
     except Exception:
         pass  # no cache yet, or an unreadable or foreign one: decode (and rewrite it)
-    S = size or next(map_images(decode_image, paths[:1], "")).shape[1]  # size 0: the first image's width
-    need, have = len(files) * 3 * S * S, host_memory_bytes()
+    need, have = len(paths) * 3 * size * size, host_memory_bytes()
     if need > have:
-        raise UsageError(f"{root}/{split} at {S} x {S} px needs {need / 2 ** 30:.2f} GiB, more than this machine's "
+        raise UsageError(f"{top} at {size} x {size} px needs {need / 2 ** 30:.2f} GiB, more than this machine's "
                          f"{have / 2 ** 30:.2f} GiB of free memory: give a smaller --image-size")
-    x = torch.empty(len(files), 3, S, S, dtype=torch.uint8)
-    for i, img in enumerate(map_images(partial(decode_image, size=size), paths, f"decoding {split}")):
-        if img.shape != (S, S, 3):  # only without --image-size
-            raise UsageError(f"the images are not all of one square size ({paths[i]} is {img.shape[1]}x{img.shape[0]}"
-                             f", {paths[0]} {S} wide): give --image-size S to resize and centre-crop them to S x S")
-        x[i] = torch.from_numpy(img).permute(2, 0, 1)
+    ds.loader = partial(decode_image, size=size)
+    workers = 0 if len(paths) < 2000 else os.cpu_count() or 1  # small folders: starting workers costs more
+    batches = torch.utils.data.DataLoader(ds, batch_size=256, num_workers=workers, collate_fn=list)
+    x, t0, t_print = torch.empty(len(paths), 3, size, size, dtype=torch.uint8), time.time(), time.time()
+    for b, batch in enumerate(batches):
+        for i, (img, _) in enumerate(batch, b * 256):
+            if isinstance(img, str):
+                raise UsageError(f"cannot read image {paths[i]} ({img}): remove or replace the file")
+            x[i] = img
+        if time.time() - t_print > 10:
+            t_print = time.time()
+            print(f"  decoding {split}: {i + 1}/{len(paths)} ({(i + 1) / (t_print - t0):.0f}/s)", flush=True)
     tmp = f"{cache}.{os.getpid()}.tmp"  # several runs may start at once on the same data
     try:
         torch.save({"key": key, "x": x, "y": labels}, tmp)
         os.replace(tmp, cache)
     except OSError:
         pass  # read-only data directory: decode again next time
-    return x, labels, classes
+    return x, labels, ds.classes
 
 
 def host_memory_bytes():
@@ -353,7 +581,7 @@ def settle(cfg, size):
     large = size > 64
     stem = ("imagenet" if large else "cifar") if cfg.stem == "auto" else cfg.stem
     blur = ("on" if large else "off") if cfg.blur == "auto" else cfg.blur
-    return replace(cfg, stem=stem, blur=blur)
+    return replace(cfg, stem=stem, blur=blur, image_size=size if cfg.dataset == "imagefolder" else cfg.image_size)
 
 
 def device_free_bytes(device):
@@ -418,7 +646,7 @@ def channel_stats(x):
     return mean.to(dtype), (s2 / n - mean * mean).sqrt().to(dtype)
 
 
-# ============ 3. Augmentation on the device: weak and strong views (METHOD.md section 1) ============
+# ============ 8. Augmentation on the device: weak and strong views ============
 # All random parameters of a step are drawn for the *global* batch from a generator seeded by
 # (seed, step); each process then takes its rows. Augmentation is therefore a function of
 # (seed, step, global sample index): independent of the number of processes and exact on resume.
@@ -560,394 +788,149 @@ def step_randomness(seed, step, n_global, n_exemplars, zeta, device, size=32, bl
     return r
 
 
-# ============ 4. Networks: ResNet-18 (CIFAR stem), projector, momentum copies (section 2) ============
-class BasicBlock(nn.Module):
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+# ============ 9. Config: the paper's CIFAR settings ============
+class UsageError(Exception):
+    """Bad input: reported as one line on stderr with exit code 2, never as a traceback."""
 
 
-class ResNet18(nn.Module):
-    """torchvision's resnet18 without fc, with the CIFAR stem (3x3 conv, stride 1, no max-pool) or
-    torchvision's own (7x7 conv, stride 2, max-pool) for larger images. Same module names, so state
-    dicts interchange with torchvision's (a test checks parity); `width` scales every stage (64 =
-    ResNet-18; smaller widths keep CPU tests fast). stem "cifar-pad" is ReSA's official CIFAR
-    encoder: the CIFAR stem after zero-padding the input by 1 px (no parameters, so the state dict
-    is the same)."""
-
-    def __init__(self, width=64, stem="cifar"):
-        super().__init__()
-        cifar = stem in ("cifar", "cifar-pad")
-        self.pad = nn.ZeroPad2d(1) if stem == "cifar-pad" else nn.Identity()
-        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False) if cifar else nn.Conv2d(3, width, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.Identity() if cifar else nn.MaxPool2d(3, 2, 1)
-        widths = [width, 2 * width, 4 * width, 8 * width]
-        cin = width
-        for i, (w, stride) in enumerate(zip(widths, (1, 2, 2, 2))):
-            setattr(self, f"layer{i + 1}", nn.Sequential(BasicBlock(cin, w, stride), BasicBlock(w, w, 1)))
-            cin = w
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Identity()
-        self.dim = cin
-        for m in self.modules():  # torchvision's initialisation
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-    def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(self.pad(x)))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+def opt(default, help, choices=()):
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
-class Network(nn.Module):
-    """Encoder f and projector g. One call forwards several views *separately* (each its own
-    BatchNorm batch, as ReSA does), so that DDP sees one forward per step."""
+@dataclass
+class Config:
+    # data
+    dataset: str = opt("cifar100", "cifar10 | cifar100 (torchvision, downloaded into --data-dir) | imagefolder "
+                       "(DIR/train/<class>/*, DIR/test/<class>/*) | synthetic (generated, no files)",
+                       ("cifar10", "cifar100", "imagefolder", "synthetic"))
+    data_dir: str = opt("./data", "where CIFAR is downloaded, or the ImageFolder root holding train/ and test/")
+    train_limit: int = opt(0, "use only this many unlabeled training images (seeded subset; 0 = all)")
+    test_limit: int = opt(0, "evaluate on only this many test images (seeded subset; 0 = all)")
+    synthetic_classes: int = opt(10, "number of classes of --dataset synthetic")
+    synthetic_per_class: int = opt(64, "training images per class of --dataset synthetic (a quarter as many to test)")
+    image_size: int = opt(0, "imagefolder: resize (short side) and centre-crop every image once, when decoded, to "
+                          "this square size (0 = the images' own size, when they all share one square size)")
+    data_on: str = opt("auto", "where the uint8 images live: device | host (pinned; each batch copied to the device) "
+                       "| auto (the device when the splits take at most half of its free memory)",
+                       ("auto", "device", "host"))
+    # one-shot split
+    exemplar_seed: int = opt(0, "seed that draws the one labeled exemplar per class")
+    exemplars: str = opt("", "JSON file with a list of training indices, one per class (overrides --exemplar-seed)")
+    keep_exemplars_in_unlabeled: bool = opt(False, "paper silent; our default removes the exemplars from D_u")
+    exemplar_select: str = opt("momentum", "paper silent: which network's exemplar embedding scores the bank "
+                               "(discriminative score, top-k): online (z_l) | momentum (the network that fills the "
+                               "bank); members and weights stay online. Default: README's CPU study",
+                               ("online", "momentum"))
+    exemplar_bn: str = opt("joint", "paper silent: the exemplars are forwarded as their own BatchNorm batch (alone) "
+                           "or in one batch with the weak views (joint). Default: README's CPU study",
+                           ("alone", "joint"))
+    # networks
+    width: int = opt(64, "ResNet-18 base width (64 = the real ResNet-18; tests use 8 or 16 to run fast)")
+    stem: str = opt("auto", "ResNet stem: cifar (3x3 conv, no max-pool) | cifar-pad (the same after zero-padding the "
+                    "input by 1 px: ReSA's official CIFAR encoder, maps 34/17/9/5 at 32 px, 27%% more compute) | "
+                    "imagenet (torchvision's 7x7/2 conv + max-pool) | auto (cifar up to 64 px, imagenet above)",
+                    ("auto", "cifar", "cifar-pad", "imagenet"))
+    proj_hidden: int = opt(2048, "projector hidden size")
+    proj_dim: int = opt(512, "projector output size d")
+    # optimisation
+    epochs: int = opt(1000, "training epochs (the paper: 1000 on CIFAR)")
+    batch_size: int = opt(256, "images per process and step (global batch = this x number of processes)")
+    lr: float = opt(0.3, "base learning rate for a global batch of 256 (scaled linearly)")
+    weight_decay: float = opt(1e-4, "SGD weight decay, applied to every parameter")
+    warmup_epochs: int = opt(2, "linear warm-up epochs, then cosine to --final-lr-ratio x lr")
+    final_lr_ratio: float = opt(0.1, "learning rate at the end of the cosine schedule, relative to lr")
+    ema_start: float = opt(0.996, "momentum-encoder EMA coefficient at step 0, cosine to 1")
+    # ReSA (section 3)
+    sinkhorn_eps: float = opt(0.05, "Sinkhorn entropic regularisation")
+    sinkhorn_iters: int = opt(3, "Sinkhorn iterations (ReSA uses 3)")
+    resa_temp: float = opt(0.4, "temperature of the ReSA and instance-mixup logits")
+    # OSESSL (sections 4-7)
+    lambda_proto: float = opt(1.0, "weight lambda of L_proto = L_align + L_disp (0 with --mu-mix 0 gives ReSA)")
+    mu_mix: float = opt(1.0, "weight mu of L_mix (1.0 on CIFAR, 0.25 on ImageNet)")
+    bank_size: int = opt(4096, "memory bank size K (FIFO of momentum weak-view embeddings)")
+    k: int = opt(8, "neighbours per exemplar")
+    alpha: float = opt(0.75, "discriminative score: weight of own-exemplar similarity vs nearest other exemplar")
+    tau_w: float = opt(1.0, "temperature of the prototype member weights; paper writes none, we use 1.0")
+    tau_s: float = opt(0.1, "student temperature")
+    tau_t: float = opt(0.04, "teacher temperature (sharper)")
+    zeta: float = opt(1.0, "mixup Beta(zeta, zeta) parameter; paper silent, 1.0 = uniform")
+    blur: str = opt("auto", "Gaussian blur in the strong view, p=0.5, sigma in [0.1, 2] px, kernel 2 round(S/20) + 1 "
+                    "(ReSA's ImageNet recipe; the paper is silent): on | off | auto (on above 64 px)",
+                    ("auto", "on", "off"))
+    dispersion: str = opt("mean", "mean (the paper's text) | logsumexp (contrastive form, pushes closest pairs "
+                          "hardest)", ("mean", "logsumexp"))
+    # run
+    seed: int = opt(0, "seed of the network init, epoch permutations and augmentation")
+    eval_every: int = opt(10, "k-NN evaluation every this many epochs (and after the last); 0 = only at the end")
+    max_steps: int = opt(0, "stop after this many optimiser steps in total (0 = run all epochs); for tests")
+    out: str = opt("", "run directory (default runs/<dataset>-<method>-<timestamp>)")
+    overwrite: bool = opt(False, "allow writing into a --out that already holds another run")
+    resume: str = opt("", "checkpoint (last.pt) to continue from")
+    compile: bool = opt(False, "torch.compile the augmentation and the whole objective (networks, Sinkhorn, "
+                        "prototypes, losses)")
+    compile_mode: str = opt("default", "torch.compile mode with --compile (reduce-overhead: CUDA graphs)",
+                            ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
+    device: str = opt("", "cuda | cpu (default: cuda when available)")
+    float64: bool = opt(False, "CPU only: compute in float64 (tests use it to tell real differences from roundoff)")
 
-    def __init__(self, width=64, hidden=2048, dim=512, stem="cifar"):
-        super().__init__()
-        self.encoder = ResNet18(width, stem)
-        e = self.encoder.dim
-        self.projector = nn.Sequential(  # biases before BN would be cancelled by it
-            nn.Linear(e, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-            nn.Linear(hidden, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-            nn.Linear(hidden, dim, bias=False), nn.BatchNorm1d(dim, affine=False))
-
-    def forward(self, *views):
-        """Returns h of the first view (B, e) and z = norm(g(f(x))) of every view, in float32 (the
-        losses' precision, also under bf16 autocast)."""
-        hs = [self.encoder(v) for v in views]
-        full = lambda t: t.to(torch.get_default_dtype())
-        return full(hs[0]), [F.normalize(full(self.projector(h)), dim=-1) for h in hs]
+    @property
+    def uses_exemplars(self):
+        """False for plain ReSA (lambda = mu = 0): exemplars are then not even forwarded."""
+        return self.lambda_proto > 0 or self.mu_mix > 0
 
 
-def differentiable_sum(x):
-    """Sum of x over processes whose backward sums the gradients too (each process's gradient then
-    reaches whatever it contributed)."""
-    from torch.distributed.nn.functional import all_reduce
-    with warnings.catch_warnings():  # torch 2.14 deprecates it for a private module; 2.11 has only this
-        warnings.simplefilter("ignore", FutureWarning)
-        return all_reduce(x)
+# settings of how a run is carried out, not of what it learns: a resumed run takes them from its command line
+RUN_CONTROL = ("out", "overwrite", "resume", "max_steps", "compile", "compile_mode", "device", "data_on")
+POSITIVE = ("epochs", "batch_size", "lr", "k", "bank_size", "sinkhorn_eps", "resa_temp", "tau_w", "tau_s", "tau_t",
+            "zeta", "width", "sinkhorn_iters")
+NON_NEGATIVE = ("lambda_proto", "mu_mix", "weight_decay", "warmup_epochs", "final_lr_ratio", "eval_every", "max_steps",
+                "train_limit", "test_limit")
 
 
-class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """SyncBatchNorm for CPU processes (gloo): torch's SyncBatchNorm runs on GPUs only. Batch
-    statistics are summed over processes with a differentiable all-reduce."""
-
-    def _check_input_dim(self, x):
-        pass
-
-    def forward(self, x):
-        if not (self.training and dist.is_initialized()):
-            return super().forward(x)
-        dims = [0] + list(range(2, x.dim()))
-        n = torch.tensor(float(x.numel() // x.shape[1]))
-        stats = differentiable_sum(torch.cat([x.sum(dims), (x * x).sum(dims), n.view(1)]))
-        c = x.shape[1]
-        total = stats[-1]
-        mean = stats[:c] / total
-        var = stats[c:2 * c] / total - mean * mean
-        with torch.no_grad():
-            self.num_batches_tracked += 1
-            self.running_mean.lerp_(mean, self.momentum)
-            self.running_var.lerp_(var * total / (total - 1), self.momentum)
-        shape = [1, c] + [1] * (x.dim() - 2)
-        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
-        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        print(f"error: {message} (see python osessl.py --help)", file=sys.stderr)
+        sys.exit(2)
 
 
-def sync_batchnorm(module, device):
-    if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    for name, child in module.named_children():
-        if isinstance(child, nn.modules.batchnorm._BatchNorm):
-            new = CPUSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine)
-            new.load_state_dict(child.state_dict())
-            setattr(module, name, new)
+def build_parser(defaults=True):
+    p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in fields(Config):
+        flag, default = "--" + f.name.replace("_", "-"), f.default if defaults else argparse.SUPPRESS
+        if isinstance(f.default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f.metadata["help"])
         else:
-            sync_batchnorm(child, device)
-    return module
+            p.add_argument(flag, type=type(f.default), default=default, help=f.metadata["help"])
+    return p
 
 
-@torch.no_grad()
-def ema_update(momentum_net, online_net, m):
-    """theta' <- m theta' + (1 - m) theta, after each optimiser step."""
-    torch._foreach_lerp_(list(momentum_net.parameters()), list(online_net.parameters()), 1 - m)
+def parse_config(argv=None) -> Config:
+    cfg = Config(**vars(build_parser().parse_args(argv)))
+    if cfg.resume:  # the run's own settings, except those given on this command line
+        given = vars(build_parser(defaults=False).parse_args(argv))
+        saved = {k: v for k, v in read_checkpoint(cfg.resume)["config"].items() if k not in RUN_CONTROL}
+        cfg = Config(**{**asdict(cfg), **saved, **given})
+    check_config(cfg)
+    return cfg
 
 
-def ema_schedule(step, total_steps, start):
-    return 1 - (1 - start) * (math.cos(math.pi * step / total_steps) + 1) / 2
-
-
-# ============ 5. ReSA base loss L_resa (METHOD.md section 3) ============
-def soft_cross_entropy(target, logits):
-    """CE(target, logits) = -(target * log_softmax(logits)).sum(-1).mean()."""
-    return -(target * F.log_softmax(logits, dim=-1)).sum(-1).mean()
-
-
-def sinkhorn(scores, eps=0.05, iters=3):
-    """Sinkhorn-Knopp on exp(scores / eps), scores (B, B_g) for this process's rows of the global
-    batch. Alternately normalises columns (sums all-reduced over processes) and rows; returns A with
-    rows summing to 1 and columns approaching equal mass."""
-    top = scores.max()
-    if dist.is_initialized():
-        dist.all_reduce(top, op=dist.ReduceOp.MAX)
-    q = torch.exp((scores - top) / eps)  # a global shift cancels in the first normalisation
-    for _ in range(iters):
-        col = q.sum(0, keepdim=True)
-        if dist.is_initialized():
-            dist.all_reduce(col)
-        q = q / col
-        q = q / q.sum(1, keepdim=True)
-    return q
-
-
-def resa_loss(z1, z2, k1, k2, assignment, temperature=0.4):
-    """L_resa: mean over ordered view pairs (q, v), q != v, of CE(A, z_q @ z'_v^T / T).
-    z1, z2: (B, d) online embeddings; k1, k2: (B_g, d) momentum embeddings of the global batch;
-    assignment: (B, B_g) Sinkhorn target."""
-    return (soft_cross_entropy(assignment, z1 @ k2.T / temperature)
-            + soft_cross_entropy(assignment, z2 @ k1.T / temperature)) / 2
-
-
-# ============ 6. Exemplar-guided prototype construction (METHOD.md section 4) ============
-class MemoryBank:
-    """FIFO queue of the last K momentum weak-view embeddings. `ids` records which training image
-    each slot holds (read by diagnostics only). Pointer and fill count are device tensors, so
-    enqueueing never synchronises with the host."""
-
-    def __init__(self, size, dim, device):
-        self.feats = torch.zeros(size, dim, device=device)
-        self.ids = torch.full((size,), -1, dtype=torch.long, device=device)
-        self.ptr = torch.zeros((), dtype=torch.long, device=device)
-        self.filled = torch.zeros((), dtype=torch.long, device=device)
-
-    @torch.no_grad()
-    def enqueue(self, feats, ids):
-        K = self.feats.shape[0]
-        slots = (self.ptr + torch.arange(feats.shape[0], device=feats.device)) % K
-        self.feats[slots] = feats
-        self.ids[slots] = ids
-        self.ptr = (self.ptr + feats.shape[0]) % K
-        self.filled = (self.filled + feats.shape[0]).clamp(max=K)
-
-    def valid(self):
-        return torch.arange(self.feats.shape[0], device=self.feats.device) < self.filled
-
-    def state_dict(self):
-        return dict(feats=self.feats, ids=self.ids, ptr=self.ptr, filled=self.filled)
-
-    def load_state_dict(self, s):
-        for k, v in s.items():
-            setattr(self, k, v.to(self.feats.device))
-
-
-def discriminative_scores(bank, exemplars, alpha=0.75):
-    """s(c, j) = alpha <m_j, z_l^c> - (1 - alpha) max_{c' != c} <m_j, z_l^c'>.
-    bank: (K, d), exemplars: (C, d) (pass them detached) -> (C, K). An entry that is close to its
-    own exemplar but closer still to another class's exemplar scores low."""
-    sim = exemplars @ bank.T                                   # (C, K)
-    top2 = sim.topk(2, dim=0)                                  # best and second-best exemplar per entry
-    is_best = torch.arange(sim.shape[0], device=sim.device)[:, None] == top2.indices[0][None]
-    other = torch.where(is_best, top2.values[1][None], top2.values[0][None])
-    return alpha * sim - (1 - alpha) * other
-
-
-def build_prototypes(exemplars, bank, valid, k=8, alpha=0.75, tau_w=1.0, select_by=None):
-    """Prototype c^c = norm(sum_j pi^(c,j) q^(c,j)) over P^c = {z_l^c} U top-k bank entries by s(c, .).
-    exemplars: (C, d) online exemplar embeddings (with gradient); bank: (K, d) (no gradient);
-    valid: (K,) bool, filled slots; select_by: (C, d) other exemplar embeddings that score the bank
-    instead (--exemplar-select momentum), used for the choice only. Returns prototypes (C, d),
-    neighbour indices (C, k) and soft weights (C, k + 1), column 0 being the exemplar's. Slots not
-    yet filled get weight 0."""
-    key = exemplars if select_by is None else select_by
-    scores = discriminative_scores(bank, key.detach(), alpha).masked_fill(~valid[None], float("-inf"))
-    top, idx = scores.topk(k, dim=1)                           # a discrete choice: no gradient
-    members = torch.cat([exemplars[:, None], bank[idx]], 1)    # (C, k + 1, d)
-    logits = (exemplars[:, None] * members).sum(-1) / tau_w
-    logits = torch.cat([logits[:, :1], logits[:, 1:].masked_fill(top == float("-inf"), float("-inf"))], 1)
-    weights = logits.softmax(1)
-    return F.normalize((weights[..., None] * members).sum(1), dim=-1), idx, weights
-
-
-def neighbour_precision(nbr, bank, labels):
-    """Diagnostic, never a loss: the fraction of chosen (filled) neighbours, nbr (C, k), whose true
-    label is their exemplar's class. It reads labels that training never uses."""
-    valid = bank.valid()[nbr]
-    hit = (labels[bank.ids[nbr]] == torch.arange(len(nbr), device=nbr.device)[:, None]) & valid
-    return hit.sum() / valid.sum().clamp_min(1)
-
-
-# ============ 7. Exemplar-guided prototype learning: L_proto = L_align + L_disp (section 5) ============
-def assign(z, prototypes, tau):
-    """Soft assignment p = softmax(z @ c^T / tau), (N, d) x (C, d) -> (N, C)."""
-    return (z @ prototypes.T / tau).softmax(-1)
-
-
-def align_loss(z1, z2, prototypes, target1, target2, tau_s=0.1):
-    """L_align: each view predicts the other's teacher assignment.
-    (CE(p'_2, z1 @ c^T / tau_s) + CE(p'_1, z2 @ c^T / tau_s)) / 2, z: (B, d), targets: (B, C).
-    Its gradient on z is (E_p[c] - E_p'[c]) / tau_s: z moves towards the target's prototype centroid."""
-    return (soft_cross_entropy(target2, z1 @ prototypes.T / tau_s)
-            + soft_cross_entropy(target1, z2 @ prototypes.T / tau_s)) / 2
-
-
-def dispersion_loss(prototypes, tau_s=0.1, mode="mean"):
-    """L_disp over the C prototypes (C, d). mean: (1/(C(C-1))) sum_{c != c'} <c^c, c^c'> / tau_s, the
-    paper's text (every pair pushed equally). logsumexp: (1/C) sum_c log mean_{c' != c} exp(<c^c, c^c'> / tau_s),
-    the contrastive form (closest pairs pushed hardest)."""
-    C = prototypes.shape[0]
-    sim = prototypes @ prototypes.T / tau_s
-    off = ~torch.eye(C, dtype=torch.bool, device=sim.device)
-    if mode == "mean":  # (a boolean-mask index would wait for the device to count the mask)
-        return sim.masked_fill(~off, 0).sum() / (C * (C - 1))
-    return (torch.logsumexp(sim.masked_fill(~off, float("-inf")), dim=1) - math.log(C - 1)).mean()
-
-
-# ============ 8. Exemplar-guided interpolation consistency: L_mix (section 6) ============
-def interpolation_targets(beta, first, second):
-    """beta_i * first_i + (1 - beta_i) * second_i for (B,) beta and (B, N) distributions."""
-    return beta[:, None] * first + (1 - beta[:, None]) * second
-
-
-def instance_mix_target(beta, own, partner, n_global):
-    """Target over the 2 B_g momentum embeddings [z'1 ; z'2]: beta_i on column own_i (weak view of i),
-    1 - beta_i on column B_g + partner_i (strong view of the partner); indices are global."""
-    target = torch.zeros(len(beta), 2 * n_global, dtype=beta.dtype, device=beta.device)
-    target.scatter_(1, own[:, None], beta[:, None])  # (B, 2 B_g) without a (2 B_g)^2 identity
-    return target.scatter_add_(1, n_global + partner[:, None], 1 - beta[:, None])
-
-
-def mix_proto_loss(z_mix, prototypes, target, tau_s=0.1):
-    """L_mix_proto = CE(p_m, z_m @ c^T / tau_s), z_mix: (B, d), target p_m: (B, C). The step passes
-    detached prototypes: mixed points move, prototypes are not dragged towards class boundaries."""
-    return soft_cross_entropy(target, z_mix @ prototypes.T / tau_s)
-
-
-def mix_instance_loss(z_mix, keys, target, temperature=0.4):
-    """L_mix_ins = CE(target, z_m @ [z'1 ; z'2]^T / T), keys: (2 B_g, d), target: (B, 2 B_g)."""
-    return soft_cross_entropy(target, z_mix @ keys.T / temperature)
-
-
-# ============ 9. Training step: L = L_resa + lambda L_proto + mu L_mix (section 7) ============
-def gather(x):
-    """Concatenate x from every process along dim 0 (no gradient)."""
-    if not dist.is_initialized():
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
-
-
-def augment_views(run, images, rnd):
-    """Weak and strong views of this process's uint8 images (B, 3, H, W): its rows of the step's draws."""
-    rows = slice(run.rank * images.shape[0], (run.rank + 1) * images.shape[0])
-    local = lambda p: {k: v[rows] for k, v in p.items()}
-    return (run.to_net(augment(images, local(rnd.weak), run.mean, run.std, strong=False)),
-            run.to_net(augment(images, local(rnd.strong), run.mean, run.std, strong=True)))
-
-
-def forward_views(net, views, xe, joint):
-    """h of the weak view views[0], z of every view, and z of the exemplar views xe (None: none are
-    forwarded). --exemplar-bn: the exemplars as a BatchNorm batch of their own (alone) or in one batch
-    with the weak view (joint; the weak view's rows are then the first B)."""
-    if xe is None:
-        return (*net(*views), None)
-    if not joint:
-        h, z = net(*views, xe)
-        return h, z[:-1], z[-1]
-    B = views[0].shape[0]
-    h, z = net(torch.cat([views[0], xe]), *views[1:])
-    return h[:B], [z[0][:B], *z[1:]], z[0][B:]
-
-
-def all_exemplars(run, z):
-    """Each process forwards the exemplars rank, rank + W, ... (so that synchronised BatchNorm sees
-    every exemplar once, whatever W); this puts the C rows together on every process, with gradient."""
-    if run.world == 1:
-        return z
-    full = z.new_zeros(run.num_classes, z.shape[1]).slice_scatter(z, 0, run.rank, None, run.world)
-    return differentiable_sum(full)
-
-
-def objective(run, x1, x2, ids, rnd):
-    """L for this process's weak and strong views (B, 3, H, W); ids: global sample ids (B_g,).
-    Reads the memory bank and changes no state but BatchNorm's running statistics, so that
-    --compile can make it one graph (both networks, Sinkhorn, prototypes, every loss term; tested).
-    Returns L, its terms (detached) and the momentum weak-view embeddings of the global batch, the
-    bank's next entries."""
-    cfg, B, Bg = run.cfg, x1.shape[0], ids.shape[0]
-    rows = slice(run.rank * B, (run.rank + 1) * B)
-    views, xe = [x1, x2], None
-    if cfg.mu_mix > 0:
-        beta, partner = rnd.beta[rows], rnd.partner[rows]
-        b = beta.view(-1, 1, 1, 1)
-        views.append(b * x1 + (1 - b) * gather(x2)[partner])
-    if cfg.uses_exemplars:  # one weak view of each of this process's exemplars
-        mine = slice(run.rank, None, run.world)
-        xe = run.to_net(augment(run.exemplar_images[mine], {k: v[mine] for k, v in rnd.exemplar.items()},
-                                run.mean, run.std, strong=False))
-    joint, by_momentum = cfg.exemplar_bn == "joint", cfg.exemplar_select == "momentum"
-
-    with torch.no_grad(), run.autocast():
-        h1m, (z1m, z2m), em = forward_views(run.momentum_net, [x1, x2], xe if by_momentum else None, joint)
-    h1m, z1m, z2m = gather(h1m), gather(z1m), gather(z2m)      # (B_g, .) global momentum outputs
-    with run.autocast():
-        h1, z, e = forward_views(run.online, views, xe, joint)
-    with torch.no_grad():
-        A = sinkhorn(F.normalize(h1, dim=-1) @ F.normalize(h1m, dim=-1).T, cfg.sinkhorn_eps, cfg.sinkhorn_iters)
-    losses = {"resa": resa_loss(z[0], z[1], z1m, z2m, A, cfg.resa_temp)}
-    loss = losses["resa"]
-    if cfg.uses_exemplars:
-        valid = run.bank.valid()
-        protos, nbr, _ = build_prototypes(all_exemplars(run, e), run.bank.feats, valid, cfg.k, cfg.alpha, cfg.tau_w,
-                                          select_by=all_exemplars(run, em) if by_momentum else None)
-        with torch.no_grad():  # teacher assignments p'_v of the global batch against sg(c)
-            t1, t2 = assign(z1m, protos, cfg.tau_t), assign(z2m, protos, cfg.tau_t)
-            losses["nbr_precision"] = neighbour_precision(nbr, run.bank, run.labels)
-            entropy = lambda p: -(p * p.clamp_min(1e-12).log()).sum(-1)  # nats; log C = uniform
-            losses["assign_entropy"] = entropy(t1).mean()  # how sharp each image's p'_1 is
-            losses["usage_entropy"] = entropy(t1.mean(0))  # how evenly the batch spreads over the C prototypes
-        losses["align"] = align_loss(z[0], z[1], protos, t1[rows], t2[rows], cfg.tau_s)
-        losses["disp"] = dispersion_loss(protos, cfg.tau_s, cfg.dispersion)
-        loss = loss + cfg.lambda_proto * (losses["align"] + losses["disp"])
-        if cfg.mu_mix > 0:
-            own = torch.arange(B, device=beta.device) + run.rank * B
-            target = interpolation_targets(beta, t1[rows], t2[partner])
-            losses["mix_proto"] = mix_proto_loss(z[2], protos.detach(), target, cfg.tau_s)
-            target = instance_mix_target(beta, own, partner, Bg)
-            losses["mix_ins"] = mix_instance_loss(z[2], torch.cat([z1m, z2m]), target, cfg.resa_temp)
-            loss = loss + cfg.mu_mix * (losses["mix_proto"] + losses["mix_ins"])
-    losses["loss"] = loss
-    return loss, {k: v.detach() for k, v in losses.items()}, z1m
-
-
-def training_step(run, x1, x2, ids, rnd, lr, m):
-    """One optimiser step: L, backward, SGD, EMA of the momentum network, enqueue into the bank.
-    Returns the loss terms as device tensors: nothing here waits for the device (tested)."""
-    loss, losses, z1m = run.objective(run, x1, x2, ids, rnd)
-    for group in run.opt.param_groups:
-        group["lr"] = lr
-    run.opt.zero_grad(set_to_none=True)
-    loss.backward()
-    run.opt.step()
-    ema_update(run.momentum_net, run.net, m)
-    if run.cfg.uses_exemplars:
-        run.bank.enqueue(z1m, ids)
-    return losses
+def check_config(cfg: Config):
+    flag = lambda name: "--" + name.replace("_", "-")
+    if cfg.image_size and not 8 <= cfg.image_size <= 4096:
+        raise UsageError(f"--image-size must lie in 8..4096 pixels (0 = the images' own size), got {cfg.image_size}")
+    for f in fields(cfg):
+        value, choices = getattr(cfg, f.name), f.metadata["choices"]
+        if f.name in POSITIVE and not value > 0:
+            raise UsageError(f"{flag(f.name)} must be positive, got {value}")
+        if f.name in NON_NEGATIVE and value < 0:
+            raise UsageError(f"{flag(f.name)} must be >= 0, got {value}")
+        if f.name in ("ema_start", "alpha") and not 0 <= value <= 1:
+            raise UsageError(f"{flag(f.name)} must lie in [0, 1], got {value}")
+        if choices and value not in choices:
+            raise UsageError(f"unknown {flag(f.name)} {value!r}: use {', '.join(choices[:-1])} or {choices[-1]}")
+    if cfg.k > cfg.bank_size:
+        raise UsageError(f"--k {cfg.k} is larger than the memory bank (--bank-size {cfg.bank_size}): lower k or "
+                         "enlarge the bank")
 
 
 # ============ 10. Training loop: schedules, evaluation, checkpoints, logs ============
@@ -968,17 +951,62 @@ def save_checkpoint(path, obj):
     os.replace(path + ".tmp", path)
 
 
+@torch.no_grad()
+def extract_features(net, images, mean, std, to_net=lambda x: x, batch_size=1024):
+    """float32 outputs of `net` (an encoder: the unnormalised 512-d features) for uint8 images
+    (N, 3, H, W), in eval mode (BatchNorm running statistics), no augmentation. The images may live
+    on the host (--data-on host): chunks go to the device of mean."""
+    was_training = net.training
+    net.eval()
+    out = []
+    for chunk in images.split(batch_size):
+        x = (chunk.to(mean.device, non_blocking=True).float() / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+            out.append(net(to_net(x)).float())
+    net.train(was_training)
+    return torch.cat(out)
+
+
+def embed(net, images, mean, std, to_net=lambda x: x):
+    """z = norm(g(f(x))) of uint8 images through a Network's encoder and projector, as extract_features."""
+    return F.normalize(extract_features(nn.Sequential(net.encoder, net.projector), images, mean, std, to_net), dim=1)
+
+
+@torch.no_grad()
+def knn_accuracy(train_f, train_y, test_f, test_y, num_classes, k=5, cosine=False, T=0.07):
+    """Top-1 (%) of k-NN classification of test features by training features (k capped at their
+    number). cosine=False: ReSA's protocol, a majority vote of the k nearest by Euclidean distance
+    (ties: the lowest class). cosine=True: weighted cosine k-NN (InstDisc, DINO), votes exp(cos / T)."""
+    k, train_f, test_f = min(k, len(train_f)), train_f.float(), test_f.float()
+    if cosine:
+        train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
+    correct = 0
+    for q, y in zip(test_f.split(1024), test_y.split(1024)):
+        # cosine similarity, or -||q - t||^2 up to a constant per query: the Euclidean ranking
+        sims, idx = (q @ train_f.T if cosine else 2 * q @ train_f.T - (train_f * train_f).sum(1)).topk(k, dim=1)
+        votes = torch.zeros(len(q), num_classes, device=q.device, dtype=sims.dtype)
+        votes.scatter_add_(1, train_y[idx], (sims / T).exp() if cosine else torch.ones_like(sims))
+        correct += (votes.argmax(1) == y).sum().item()
+    return correct / len(test_y) * 100
+
+
+def knn_report(train_f, train_y, test_f, test_y, num_classes):
+    """The k-NN protocols osessl reports: ReSA's 5-NN, and weighted cosine 20-NN and 200-NN."""
+    knn = partial(knn_accuracy, train_f, train_y, test_f, test_y, num_classes)
+    return {"knn5": knn(5), "knn20_cos": knn(20, cosine=True), "knn200_cos": knn(200, cosine=True)}
+
+
 def evaluate(run, eval_mem_x, eval_mem_y, test_x, test_y):
-    """k-NN on the momentum encoder's features (METHOD.md section 8). With exemplars, also the
-    neighbour precision that the current bank gives to the un-augmented exemplars embedded by the
-    online network (z_l, the members) and by the momentum network (which fills the bank and, by
-    default, chooses the neighbours): a diagnostic of how well the two embeddings agree."""
-    feats = lambda x: knn_eval.extract_features(run.momentum_net.encoder, x, run.mean, run.std, run.to_net)
-    report = knn_eval.knn_report(feats(eval_mem_x), eval_mem_y, feats(test_x), test_y, run.num_classes)
+    """In-training k-NN on the momentum encoder's features, the training images in use as memory.
+    With exemplars, also the neighbour precision that the current bank gives to the un-augmented
+    exemplars embedded by the online network (z_l, the members) and by the momentum network (which
+    fills the bank and, by default, chooses the neighbours): how well the two embeddings agree."""
+    feats = lambda x: extract_features(run.momentum_net.encoder, x, run.mean, run.std, run.to_net)
+    report = knn_report(feats(eval_mem_x), eval_mem_y, feats(test_x), test_y, run.num_classes)
     if run.cfg.uses_exemplars:
         cfg = run.cfg
         for name, net in (("online", run.net), ("momentum", run.momentum_net)):
-            z = knn_eval.embed(net, run.exemplar_images, run.mean, run.std, run.to_net).to(run.bank.feats.dtype)
+            z = embed(net, run.exemplar_images, run.mean, run.std, run.to_net).to(run.bank.feats.dtype)
             nbr = build_prototypes(z, run.bank.feats, run.bank.valid(), cfg.k, cfg.alpha, cfg.tau_w)[1]
             report[f"nbr_precision_{name}"] = neighbour_precision(nbr, run.bank, run.labels).item()
     return report
@@ -1000,9 +1028,16 @@ def prepare_run_dir(cfg, method):
     return out
 
 
+# Config fields added after format 1, with the value that reproduces the checkpoints written before them
+LATER_SETTINGS = dict(exemplar_select="online", exemplar_bn="alone", image_size=0, data_on="auto", stem="cifar",
+                      blur="off")
+REMOVED_SETTINGS = ("benchmark", "benchmark_steps")  # in checkpoints written before results/benchmark.py
+
+
 def read_checkpoint(path):
-    """Load an osessl checkpoint as tensors and plain data only (weights_only: a crafted file can
-    never run code here), then check its shape; anything else is refused with a UsageError."""
+    """An osessl checkpoint, loaded as tensors and plain data only (weights_only: a crafted file can
+    never run code here), with its settings checked as a Config. What does not fit is refused in
+    one line; the networks, optimiser and bank are checked when loaded (load_parts)."""
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint {path}: no such file")
     try:
@@ -1012,80 +1047,50 @@ def read_checkpoint(path):
         why = f"it holds a Python object ({code[1]}) that only running code could rebuild" if code else type(e).__name__
         raise UsageError(f"{path} is not a readable checkpoint ({why}); osessl loads tensors and plain data only") \
             from None
-    check_checkpoint(ck, path)
-    return ck
-
-
-# what resuming, knn_eval.py and the notebooks read from a checkpoint, and its type
-CHECKPOINT_KEYS = dict(config=dict, num_classes=int, step=int, epoch=int, net=dict, momentum=dict, opt=dict, bank=dict,
-                       exemplars=torch.Tensor, sums=dict, rng=torch.Tensor)
-# Config fields added after format 1, with the value that reproduces the checkpoints written before them
-REMOVED_SETTINGS = ("benchmark", "benchmark_steps")  # in checkpoints written before results/benchmark.py
-LATER_SETTINGS = dict(exemplar_select="online", exemplar_bn="alone", image_size=0, data_on="auto", stem="cifar",
-                      blur="off")
-
-
-def check_checkpoint(ck, path):
-    """Refuse, with one line, any loaded object that is not an osessl checkpoint this code can use."""
-    def bad(what):
-        raise UsageError(f"{path} is not a usable osessl checkpoint: {what}")
     if not isinstance(ck, dict) or not isinstance(ck.get("format"), int):
         raise UsageError(f"{path} is not an osessl checkpoint")
     if ck["format"] > CHECKPOINT_FORMAT:
         raise UsageError(f"{path} has format {ck['format']}, newer than this osessl.py ({CHECKPOINT_FORMAT}): "
                          "update osessl.py")
-    is_a = lambda v, t: isinstance(v, t) and not (isinstance(v, bool) and t is not bool)
-    for key, kind in CHECKPOINT_KEYS.items():
-        if key not in ck:
-            bad(f"it has no {key!r}")
-        if not is_a(ck[key], kind):
-            bad(f"its {key!r} is a {type(ck[key]).__name__}, not a {kind.__name__}")
     types = {f.name: type(f.default) for f in fields(Config)}
-    config = {k: v for k, v in ck["config"].items() if k not in REMOVED_SETTINGS}
-    for k, v in config.items():
-        if k not in types:
-            bad(f"its config has an unknown setting {k!r}")
-        if not (is_a(v, types[k]) or types[k] is float and is_a(v, int)):
-            bad(f"its config setting {k!r} is {v!r}, not a {types[k].__name__}")
-    missing = sorted(set(types) - set(config) - set(LATER_SETTINGS))
-    if missing:
-        bad(f"its config lacks {missing[0]!r}")
-    config = ck["config"] = {**LATER_SETTINGS, **config}
-    cfg = Config(**config)
     try:
-        check_config(cfg)
-    except UsageError as e:
-        bad(f"its config: {e}")
-    if ck["num_classes"] < 2 or ck["step"] < 0 or ck["epoch"] < 0:
-        bad(f"its num_classes, step or epoch is out of range ({ck['num_classes']}, {ck['step']}, {ck['epoch']})")
-    with torch.device("meta"):  # the network its config describes, without allocating it
-        ref = Network(cfg.width, cfg.proj_hidden, cfg.proj_dim, cfg.stem)
-    shapes = lambda tensors: {k: getattr(v, "shape", None) for k, v in tensors.items()}
-    K, d, net = cfg.bank_size, cfg.proj_dim, shapes(ref.state_dict())
-    network = f"the network of its config (--width {cfg.width}, --proj-hidden {cfg.proj_hidden}, --proj-dim {d})"
-    memory = f"a memory bank of {K} x {d} (--bank-size, --proj-dim)"
-    for part, want, what in (("net", net, network), ("momentum", net, network),
-                             ("bank", dict(feats=(K, d), ids=(K,), ptr=(), filled=()), memory)):
-        if shapes(ck[part]) != want:
-            bad(f"its {part!r} is not {what}")
-    params = [p.shape for p in ref.parameters()]
-    state, groups = ck["opt"].get("state"), ck["opt"].get("param_groups")
-    if not (isinstance(state, dict) and isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], dict)
-            and groups[0].get("params") == list(range(len(params)))
-            and all(is_a(i, int) and 0 <= i < len(params) and isinstance(s, dict)
-                    and getattr(s.get("momentum_buffer"), "shape", None) == params[i] for i, s in state.items())):
-        bad("its 'opt' is not the SGD state of its network")
-    bank = ck["bank"]
-    if not bank["feats"].is_floating_point() or {bank[k].dtype for k in ("ids", "ptr", "filled")} != {torch.long} \
-            or not 0 <= bank["ptr"] < K or not 0 <= bank["filled"] <= K:
-        bad(f"its 'bank' is not {memory}")
-    ex = ck["exemplars"]  # ReSA runs hold none (those written before ReSA trained on every image: one per class)
-    if ex.dtype != torch.long or tuple(ex.shape) not in [(ck["num_classes"],)] + [(0,)] * (not cfg.uses_exemplars):
-        bad(f"its 'exemplars' are not {ck['num_classes']} training indices, one per class")
-    if not all(isinstance(k, str) and is_a(v, torch.Tensor) and v.numel() == 1 for k, v in ck["sums"].items()):
-        bad("its 'sums' are not the running sums of the loss terms")
-    if ck["rng"].dtype != torch.uint8 or ck["rng"].shape != torch.get_rng_state().shape:
-        bad("its 'rng' is not a CPU random generator state")
+        missing = [k for k in ("config", "num_classes", "step") if k not in ck]  # the parts: when loaded
+        if missing:
+            raise ValueError(f"it has no {missing[0]!r}")
+        if not isinstance(ck["config"], dict):
+            raise ValueError(f"its 'config' is a {type(ck['config']).__name__}, not a dict")
+        config = {**LATER_SETTINGS, **{k: v for k, v in ck["config"].items() if k not in REMOVED_SETTINGS}}
+        for k, v in config.items():
+            if k not in types:
+                raise ValueError(f"its config has an unknown setting {k!r}")
+            if not (type(v) is types[k] or types[k] is float and type(v) is int):
+                raise ValueError(f"its config setting {k!r} is {v!r}, not a {types[k].__name__}")
+        check_config(Config(**config))
+        if not (type(ck["step"]) is int and ck["step"] >= 0 and type(ck["num_classes"]) is int):
+            raise ValueError(f"its step or number of classes is not a count ({ck['step']!r}, {ck['num_classes']!r})")
+    except (ValueError, TypeError, AttributeError, UsageError) as e:
+        raise UsageError(f"{path} is not a usable osessl checkpoint: {e}") from None
+    ck["config"] = config
+    return ck
+
+
+def load_parts(path, ck, parts):
+    """Strict load_state_dict of each named part (networks, optimiser, memory bank) from the
+    checkpoint; a part that does not fit is one line naming it and the first detail of the error."""
+    for name, part in parts.items():
+        if name not in ck:
+            raise UsageError(f"{path} is not a usable osessl checkpoint: it has no {name!r}")
+        try:
+            part.load_state_dict(ck[name])
+            if isinstance(part, torch.optim.Optimizer):  # loading casts momentum buffers without checking shapes
+                for p in part.param_groups[0]["params"]:
+                    if getattr(part.state[p].get("momentum_buffer", p), "shape", None) != p.shape:
+                        raise ValueError("its momentum buffers are not of the network's parameter shapes")
+        except Exception as e:
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+            detail = lines[1] if len(lines) > 1 else lines[0]
+            raise UsageError(f"{path}: its {name!r} does not fit this run "
+                             f"({detail[:150]}{'...' if len(detail) > 150 else ''})") from None
 
 
 def load_checkpoint(cfg, train_y, num_classes, ck=None):
@@ -1094,9 +1099,15 @@ def load_checkpoint(cfg, train_y, num_classes, ck=None):
     if ck["config"]["dataset"] != cfg.dataset or ck["num_classes"] != num_classes:
         raise UsageError(f"{cfg.resume} was trained on {ck['config']['dataset']} with {ck['num_classes']} classes, "
                          f"not {cfg.dataset} with {num_classes}: pass the matching --dataset/--data-dir")
-    ex, ids = ck["exemplars"], ck["bank"]["ids"]
-    if not (((0 <= ex) & (ex < len(train_y))).all() and ids.min() >= -1 and ids.max() < len(train_y)
-            and (not len(ex) or torch.equal(train_y[ex], torch.arange(num_classes)))):
+    try:  # a ReSA run has no exemplars (before 2026-11-25 it drew them too)
+        ex, ids, resa = ck["exemplars"], ck["bank"]["ids"], not Config(**ck["config"]).uses_exemplars
+        fits = ex.dtype == ids.dtype == torch.long and ex.dim() == 1 \
+            and (len(ex) == num_classes or resa and not len(ex)) \
+            and ((0 <= ex) & (ex < len(train_y))).all() and ((-1 <= ids) & (ids < len(train_y))).all() \
+            and (not len(ex) or torch.equal(train_y[ex], torch.arange(num_classes)))
+    except (KeyError, TypeError, AttributeError, RuntimeError):
+        fits = False
+    if not fits:
         raise UsageError(f"{cfg.resume}: its exemplars and memory bank do not index one image per class of these "
                          f"{len(train_y)} training images: pass the --data-dir it was trained on")
     return ck
@@ -1170,11 +1181,14 @@ def train(cfg, rank=0, world=1, device=None):
     lr_at = lambda s: lr_schedule(s, total, warmup, run.peak_lr, cfg.final_lr_ratio)
     m_at = lambda s: ema_schedule(s, total, cfg.ema_start)
     step, sums = 0, {}
-    if ck is not None:
-        for name, part in state.items():
-            part.load_state_dict(ck[name])
-        step, sums = ck["step"], {k: v.to(device) for k, v in ck["sums"].items()}
-        torch.set_rng_state(ck["rng"])
+    if ck is not None:  # nothing is written before the checkpoint is accepted
+        load_parts(cfg.resume, ck, state)
+        try:
+            torch.set_rng_state(ck["rng"])
+            step, sums = ck["step"], {k: v.to(device) for k, v in ck.get("sums", {}).items()}
+        except (KeyError, RuntimeError, TypeError, AttributeError) as e:
+            raise UsageError(f"{cfg.resume}: its random generator state or loss sums are not osessl's "
+                             f"({type(e).__name__})") from None
         if step >= total:
             if rank == 0:
                 print(f"osessl: {cfg.resume} has finished its {step // steps_per_epoch} epochs (step {step}): nothing "
