@@ -45,6 +45,14 @@ arm_flags() {  # the flags that make each arm what it is
   esac
 }
 
+check_args() {  # before detaching, so that a wrong command fails here, in one line
+  [ -n "${1:-}" ] || { echo "give DATA_DIR (the CIFAR-100 ImageFolder root)"; exit 2; }
+  [ "${TINY:-}" = 1 ] || [ -d "$1/train" ] || {
+    echo "$1/train is not a folder: give the CIFAR-100 ImageFolder root"; exit 2; }
+  shift
+  for a in "$@"; do arm_flags "$a" > /dev/null || { echo "unknown arm $a: use ${ALL_ARMS[*]}"; exit 2; }; done
+}
+
 case ${1:-} in
   status)
     if [ -f "$OUT/pid" ] && kill -0 "$(cat "$OUT/pid")" 2>/dev/null; then
@@ -63,6 +71,7 @@ case ${1:-} in
   --foreground) shift ;;
   ""|-h|--help) sed -n '2,27p' "$0"; exit 2 ;;
   *)  # start detached, in its own process group, and return
+    check_args "$@"
     [ -f "$OUT/pid" ] && kill -0 "$(cat "$OUT/pid")" 2>/dev/null && { echo "already running: $0 status"; exit 1; }
     setsid nohup "$0" --foreground "$@" >> "$OUT/run.log" 2>&1 < /dev/null &
     echo $! > "$OUT/pid"
@@ -70,13 +79,11 @@ case ${1:-} in
     exit 0 ;;
 esac
 
-DATA=${1:?give DATA_DIR (the CIFAR-100 ImageFolder root)}
+check_args "$@"
+DATA=$1
 shift
 ARMS=("$@")
 [ ${#ARMS[@]} -gt 0 ] || ARMS=("${ALL_ARMS[@]}")
-for a in "${ARMS[@]}"; do
-  arm_flags "$a" > /dev/null || { echo "unknown arm $a: use ${ALL_ARMS[*]}"; exit 2; }
-done
 if [ "${TINY:-}" = 1 ]; then  # CI: the whole command in a minute on a CPU
   EPOCHS=2
   DATA_FLAGS=(--dataset synthetic --synthetic-per-class 32)
@@ -86,7 +93,6 @@ if [ "${TINY:-}" = 1 ]; then  # CI: the whole command in a minute on a CPU
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # arms side by side on 2 cores: one thread each
 else
   EPOCHS=100
-  [ -d "$DATA/train" ] || { echo "$DATA/train is not a folder: give the CIFAR-100 ImageFolder root"; exit 2; }
   DATA_FLAGS=(--dataset imagefolder --data-dir "$DATA")
   NET=()
   BATCH=(--batch-size 256)
