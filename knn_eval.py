@@ -112,9 +112,8 @@ def summarize(run_dirs, plot=None):
     runs = []
     timing = ("seconds", "images_per_s")
     for r in map(read_run, run_dirs):
-        same = lambda a, b: a["config"] == b["config"] and [{k: v for k, v in x.items() if k not in timing}
-                                                            for x in a["rows"]] == \
-            [{k: v for k, v in x.items() if k not in timing} for x in b["rows"]]
+        untimed = lambda run: [{k: v for k, v in x.items() if k not in timing} for x in run["rows"]]
+        same = lambda a, b: a["config"] == b["config"] and untimed(a) == untimed(b)
         twin = next((o for o in runs if same(o, r)), None)
         if twin:
             print(f"note: {r['dir']} holds the same run as {twin['dir']} (config and metrics): counted once")

@@ -986,8 +986,8 @@ def knn_accuracy(train_f, train_y, test_f, test_y, num_classes, k=5, cosine=Fals
         sims, idx = (q @ train_f.T if cosine else 2 * q @ train_f.T - (train_f * train_f).sum(1)).topk(k, dim=1)
         votes = torch.zeros(len(q), num_classes, device=q.device, dtype=sims.dtype)
         votes.scatter_add_(1, train_y[idx], (sims / T).exp() if cosine else torch.ones_like(sims))
-        correct += (votes.argmax(1) == y).sum().item()
-    return correct / len(test_y) * 100
+        correct += (votes.argmax(1) == y).sum()  # summed on the device, read once below
+    return int(correct) / len(test_y) * 100
 
 
 def knn_report(train_f, train_y, test_f, test_y, num_classes):
