@@ -666,6 +666,19 @@ def test_resume_is_exact(tmp_path):
     assert metrics(straight) == metrics(resumed) and len(metrics(straight)) == 3
 
 
+def test_keep_every_keeps_the_checkpoint_of_those_epochs(tmp_path):
+    """--keep-every N keeps epoch<N>.pt, epoch<2N>.pt, ... beside last.pt (notebook 1 follows training
+    with them): each is the whole checkpoint at the end of its epoch, so that resuming it reproduces
+    the straight run exactly."""
+    run = O.train(O.parse_config(TINY + SMALL + ["--epochs", "3", "--keep-every", "2", "--out", str(tmp_path / "a")]))
+    assert sorted(f for f in os.listdir(run) if f.endswith(".pt")) == ["epoch2.pt", "last.pt"]
+    ck = torch.load(os.path.join(run, "epoch2.pt"), weights_only=True)
+    assert (ck["epoch"], ck["step"]) == (2, 4)
+    resumed = O.train(O.parse_config(["--resume", os.path.join(run, "epoch2.pt"), "--out", str(tmp_path / "b")]))
+    assert_same_state(run, resumed)
+    assert metrics(resumed) == metrics(run)[2:]
+
+
 def test_same_seed_same_metrics(tmp_path):
     """Determinism on CPU: the same command twice gives the same metrics (timing fields aside)."""
     a = O.train(O.parse_config(TINY + SMALL + ["--out", str(tmp_path / "a")]))
@@ -1128,12 +1141,12 @@ def tiny_step(run, tx, C, ids, step, lr=0.05, m=0.99):
 
 def test_bf16_autocast_and_channels_last_path_on_cpu():
     """The GPU settings (bf16 autocast, channels_last), emulated on the CPU: the step runs, the
-    networks' outputs are cast back so that losses, targets and bank stay float32 and finite."""
+    networks' outputs are cast back so that losses, targets and bank stay float32 and finite.
+    channels_last is every run's layout (also the CPU's: faster there too)."""
     run, tx, C = tiny_run()
     run.autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
-    run.net.to(memory_format=torch.channels_last)
-    run.momentum_net.to(memory_format=torch.channels_last)
-    run.to_net = lambda x: x.contiguous(memory_format=torch.channels_last)
+    assert run.net.encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert run.to_net(tx[:2].float()).is_contiguous(memory_format=torch.channels_last)
     for step in range(3):
         losses = tiny_step(run, tx, C, torch.arange(step * 32, step * 32 + 32), step, 0.01, 0.996)
         assert all(v.dtype == torch.float32 and v.isfinite() for v in losses.values())
