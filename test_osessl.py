@@ -1106,7 +1106,7 @@ def test_benchmark_prints_its_table(capsys, monkeypatch):
     load_script("results/benchmark.py").main([*TINY, "--steps", "1", "--compile"])
     out = capsys.readouterr().out
     for row in ("device pipeline (data", "pre-made tensors", "augmentation alone", "ReSA-only", "PIL DataLoader",
-                "eager (no --compile)", "k-NN evaluation of 320 + 80 images"):
+                "eager (no --compile)", "NCHW layout", "k-NN evaluation of 320 + 80 images"):
         assert row in out, row
     assert "ms/step" in out and "s/epoch" in out and "compile default" in out
     torch._dynamo.reset()
