@@ -13,7 +13,7 @@ the objective and the training step); networks, data, augmentation, config, the 
 the entry point follow. Section banners name the paper's term each implements.
 
 Run (the same file with or without a launcher; GPU commands: the paper's settings):
-  python osessl.py --dataset synthetic --epochs 2                     # quick start, no files
+  python osessl.py --dataset synthetic --epochs 2 --warmup-epochs 1   # quick start, no files
   python osessl.py --dataset imagefolder --data-dir data/cifar100     # offline, real images
   torchrun --standalone --nproc_per_node=1 osessl.py --dataset cifar100
   torchrun --standalone --nproc_per_node=4 osessl.py --dataset cifar100
