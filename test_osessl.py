@@ -1106,7 +1106,7 @@ def test_benchmark_prints_its_table(capsys, monkeypatch):
     load_script("results/benchmark.py").main([*TINY, "--steps", "1", "--compile"])
     out = capsys.readouterr().out
     for row in ("device pipeline (data", "pre-made tensors", "augmentation alone", "ReSA-only", "PIL DataLoader",
-                "eager (no --compile)", "NCHW layout", "k-NN evaluation of 320 + 80 images"):
+                "eager (no --compile)", "channels_last layout", "k-NN evaluation of 320 + 80 images"):
         assert row in out, row
     assert "ms/step" in out and "s/epoch" in out and "compile default" in out
     torch._dynamo.reset()
@@ -1141,9 +1141,8 @@ def tiny_step(run, tx, C, ids, step, lr=0.05, m=0.99):
 
 def test_bf16_autocast_and_channels_last_path_on_cpu():
     """The GPU settings (bf16 autocast, channels_last), emulated on the CPU: the step runs, the
-    networks' outputs are cast back so that losses, targets and bank stay float32 and finite.
-    channels_last is every run's layout (also the CPU's: faster there too)."""
-    run, tx, C = tiny_run()
+    networks' outputs are cast back so that losses, targets and bank stay float32 and finite."""
+    run, tx, C = tiny_run("--memory-format", "channels_last")
     run.autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
     assert run.net.encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     assert run.to_net(tx[:2].float()).is_contiguous(memory_format=torch.channels_last)
@@ -1151,6 +1150,25 @@ def test_bf16_autocast_and_channels_last_path_on_cpu():
         losses = tiny_step(run, tx, C, torch.arange(step * 32, step * 32 + 32), step, 0.01, 0.996)
         assert all(v.dtype == torch.float32 and v.isfinite() for v in losses.values())
     assert run.bank.feats.dtype == torch.float32 and int(run.bank.filled) == 96
+
+
+def test_memory_format_changes_the_layout_not_the_step():
+    """--memory-format: channels_last on CUDA (auto), contiguous on the CPU unless asked; the same
+    steps in either layout (float64, so that only roundoff may differ)."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    auto, last = O.parse_config(TINY), O.parse_config(TINY + ["--memory-format", "channels_last"])
+    assert O.memory_format(auto, cpu) == torch.contiguous_format and O.memory_format(auto, cuda) == torch.channels_last
+    assert O.memory_format(last, cpu) == torch.channels_last
+    losses = []
+    torch.set_default_dtype(torch.float64)
+    try:
+        for layout in ("contiguous", "channels_last"):
+            torch.manual_seed(0)
+            run, tx, C = tiny_run("--memory-format", layout, "--float64", "--device", "cpu")
+            losses.append([tiny_step(run, tx, C, torch.arange(s * 32, s * 32 + 32), s)["loss"] for s in range(3)])
+    finally:
+        torch.set_default_dtype(torch.float32)
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-9, atol=0)
 
 
 def test_compile_makes_the_whole_objective_one_graph_compiled_once():

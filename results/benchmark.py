@@ -5,7 +5,7 @@ It takes osessl.py's training flags, runs warm-up steps, then times 5 blocks of 
 the device synchronised around each block and prints the median per row: the full OSESSL step fed
 by the device-side pipeline, the same step on pre-made tensors (compute only), the augmentation
 alone, the ReSA-only step, the OSESSL step fed by a torchvision PIL-transform DataLoader on every
-CPU core, the step in the plain NCHW memory layout (what channels_last buys), with --compile also
+CPU core, the step in the other memory layout (--memory-format), with --compile also
 the eager step beside the compiled one, and one k-NN evaluation.
 
   python results/benchmark.py --dataset imagefolder --data-dir data/cifar100 --batch-size 256 --compile
@@ -75,10 +75,8 @@ def benchmark(cfg, device, steps=20):
     if cfg.compile:  # what compilation buys, measured in the same run (a row below)
         variants["eager"] = dict(compile=False)
     runs = {m: O.build_run(replace(cfg, **w), 0, 1, device, train_x, train_y, ex_idx, C) for m, w in variants.items()}
-    nchw = runs["nchw"] = O.build_run(cfg, 0, 1, device, train_x, train_y, ex_idx, C)  # what channels_last buys
-    nchw.net.to(memory_format=torch.contiguous_format)
-    nchw.momentum_net.to(memory_format=torch.contiguous_format)
-    nchw.to_net = lambda x: x.contiguous()
+    layout = "contiguous" if O.memory_format(cfg, device) == torch.channels_last else "channels_last"  # the other one
+    runs["layout"] = O.build_run(replace(cfg, memory_format=layout), 0, 1, device, train_x, train_y, ex_idx, C)
     osessl_run = runs["osessl"]
     counter = iter(range(10 ** 9))
 
@@ -110,7 +108,7 @@ def benchmark(cfg, device, steps=20):
              lambda: osessl_run.augment(osessl_run, train_x[batch()[0]], rnd0)),
             ("ReSA-only step, device pipeline (lambda = mu = 0)", lambda: pipeline_step(runs["resa"])),
             (f"OSESSL step fed by a PIL DataLoader ({workers} workers)", pil_step),
-            ("OSESSL step, device pipeline, NCHW layout (not channels_last)", lambda: pipeline_step(nchw))]
+            (f"OSESSL step, device pipeline, {layout} layout", lambda: pipeline_step(runs["layout"]))]
     if cfg.compile:
         rows.append(("OSESSL step, device pipeline, eager (no --compile)", lambda: pipeline_step(runs["eager"])))
     print(f"benchmark: {cfg.dataset}, batch {B}, width {cfg.width}, {C} classes, device {device}"

@@ -15,7 +15,8 @@ HERE=results/cpu-recipe-cifar10
 PY=${PYTHON:-python3}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONUNBUFFERED=1
 RECIPE="--dataset imagefolder --data-dir ${DATA_DIR:-data/cifar10} --width 16 --proj-hidden 512 --proj-dim 128
-        --batch-size 128 --epochs 12 --warmup-epochs 1 --ema-start 0.99 --bank-size 4096 --eval-every 2 --keep-every 3"
+        --batch-size 128 --epochs 12 --warmup-epochs 1 --ema-start 0.99 --bank-size 4096 --eval-every 2 --keep-every 3
+        --memory-format channels_last"
 flags() {
   case $1 in
     osessl-s[0-9]*) echo "--seed ${1#osessl-s}" ;;
