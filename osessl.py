@@ -873,10 +873,11 @@ class Config:
     compile_mode: str = opt("default", "torch.compile mode with --compile (reduce-overhead: CUDA graphs)",
                             ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
     device: str = opt("", "cuda | cpu (default: cuda when available)")
-    memory_format: str = opt("auto", "layout of images and convolution weights: channels_last | contiguous | auto "
-                             "(channels_last on CUDA, contiguous on the CPU, where channels_last is x1.22-1.24 faster at "
-                             "the CPU recipe's shapes but PyTorch 2.14's backward of a strided 1x1 convolution crashes "
-                             "in it at others, e.g. 8 -> 16 channels at 64 px)", ("auto", "channels_last", "contiguous"))
+    memory_format: str = opt("auto", "layout of images and convolution weights: channels_last | contiguous | "
+                             "auto (channels_last on CUDA, contiguous on the CPU: there channels_last is x1.22-1.24 "
+                             "faster at the CPU recipe's shapes, but PyTorch 2.14's backward of a strided 1x1 "
+                             "convolution crashes in it at others, e.g. 8 -> 16 channels at 64 px)",
+                             ("auto", "channels_last", "contiguous"))
     float64: bool = opt(False, "CPU only: compute in float64 (tests use it to tell real differences from roundoff)")
 
     @property

@@ -5,8 +5,8 @@ It takes osessl.py's training flags, runs warm-up steps, then times 5 blocks of 
 the device synchronised around each block and prints the median per row: the full OSESSL step fed
 by the device-side pipeline, the same step on pre-made tensors (compute only), the augmentation
 alone, the ReSA-only step, the OSESSL step fed by a torchvision PIL-transform DataLoader on every
-CPU core, the step in the other memory layout (--memory-format), with --compile also
-the eager step beside the compiled one, and one k-NN evaluation.
+CPU core, the step in the other memory layout (--memory-format), with --compile also the eager step
+beside the compiled one, and one k-NN evaluation.
 
   python results/benchmark.py --dataset imagefolder --data-dir data/cifar100 --batch-size 256 --compile
 """
