@@ -632,11 +632,12 @@ def unlabeled_indices(cfg, n_train, exemplar_idx):
     return idx
 
 
-def channel_stats(x):
-    """Per-channel mean and std of uint8 images, in [0, 1] units, computed in chunks."""
+def channel_stats(x, chunk_pixels=2 ** 22):
+    """Per-channel mean and std of uint8 images, in [0, 1] units, in float64 chunks of about
+    chunk_pixels pixels (about 100 MB each at any image size: the images may already fill the GPU)."""
     s = torch.zeros(3, dtype=torch.float64, device=x.device)
     s2 = torch.zeros_like(s)
-    for chunk in x.split(8192):
+    for chunk in x.split(max(1, chunk_pixels // (x.shape[2] * x.shape[3]))):
         c = chunk.to(torch.float64) / 255
         s += c.sum((0, 2, 3))
         s2 += (c * c).sum((0, 2, 3))

@@ -453,7 +453,8 @@ def test_summarize_tells_stale_duplicate_and_in_training_figures_apart(tmp_path,
 def test_reproduction_command_runs_tiny_detached_and_resumes(tmp_path):
     """results/cifar100-100ep/run.sh as CI runs it (TINY=1: synthetic data, width 8, 2 epochs, two arms,
     no compile): started detached, smoke, speed and the arms; the arms stopped early (--max-steps, as
-    an interruption would) are resumed by the same command, which skips what is done and finishes."""
+    an interruption would) are not started again without the time to finish (FINISH_WITHIN), then are
+    resumed by the same command, which skips what is done and finishes."""
     import time
     script = os.path.join(HERE, "results", "cifar100-100ep", "run.sh")
     env = dict(os.environ, TINY="1", OUT=str(tmp_path / "out"), RUNS=str(tmp_path / "runs"), PYTHON=sys.executable,
@@ -467,6 +468,11 @@ def test_reproduction_command_runs_tiny_detached_and_resumes(tmp_path):
     assert "smoke passed" in log and "speed table written" in log and "stopped at epoch 0 of 2" in log, log
     assert "started" in sh("status").stdout
     del env["ARM_FLAGS"]
+    env["FINISH_WITHIN"] = "0"  # no time left: the smoke test's epoch time says no arm can finish, none starts
+    r = sh("--foreground", "synthetic", "resa", "osessl-s0")
+    assert r.returncode == 1 and r.stdout.count("does not fit") == 2, r.stdout + r.stderr
+    assert r.stdout.count("not started (FINISH_WITHIN)") == 2 and "--resume" not in r.stdout
+    env["FINISH_WITHIN"] = "60"
     r = sh("--foreground", "synthetic", "resa", "osessl-s0")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "smoke: passed before, skipped" in r.stdout and "speed.txt exists, skipped" in r.stdout
@@ -479,6 +485,15 @@ def test_reproduction_command_runs_tiny_detached_and_resumes(tmp_path):
     assert (tmp_path / "out" / "plot.png").exists() and "ms/step" in (tmp_path / "out" / "speed.txt").read_text()
     assert sh("status").stdout.count(" done ") == 2
     assert not [f for f in os.listdir(tmp_path / "out") if f.endswith(".pt")]  # no checkpoint among the results
+
+
+def test_channel_stats_are_the_population_mean_and_std_whatever_the_chunks():
+    x = torch.randint(0, 256, (7, 3, 5, 6), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    ref = x.double() / 255
+    for chunk_pixels in (1, 60, 2 ** 22):  # one image per chunk, two per chunk, all at once
+        mean, std = O.channel_stats(x, chunk_pixels)
+        assert torch.allclose(mean.double(), ref.mean((0, 2, 3)), rtol=1e-6)
+        assert torch.allclose(std.double(), ref.std((0, 2, 3), correction=0), rtol=1e-6)
 
 
 def test_knn_protocols_on_separable_features():

@@ -22,7 +22,9 @@
 # Environment: JOBS (arms at once on the one GPU, default 2), STAGES (default "smoke speed arms"),
 # ARM_FLAGS (added to every arm, e.g. "--compile"), SPEED_MODES (extra --compile-mode rows of the
 # speed table, e.g. "reduce-overhead"), PYTHON (default python3), OUT (default this folder), RUNS
-# (default runs/cifar100-100ep), TINY=1 (CI: DATA_DIR "synthetic", width 8, 2 epochs, no compile).
+# (default runs/cifar100-100ep), TINY=1 (CI: DATA_DIR "synthetic", width 8, 2 epochs, no compile),
+# FINISH_WITHIN (whole minutes from this command's start: an arm is started only if its measured epoch
+# time says it ends by then; a run cut off when the GPU goes back is lost, so start only what can finish).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
@@ -49,6 +51,7 @@ check_args() {  # before detaching, so that a wrong command fails here, in one l
   [ -n "${1:-}" ] || { echo "give DATA_DIR (the CIFAR-100 ImageFolder root)"; exit 2; }
   [ "${TINY:-}" = 1 ] || [ -d "$1/train" ] || {
     echo "$1/train is not a folder: give the CIFAR-100 ImageFolder root"; exit 2; }
+  [[ "${FINISH_WITHIN:-0}" =~ ^[0-9]+$ ]] || { echo "FINISH_WITHIN is whole minutes, got $FINISH_WITHIN"; exit 2; }
   shift
   for a in "$@"; do arm_flags "$a" > /dev/null || { echo "unknown arm $a: use ${ALL_ARMS[*]}"; exit 2; }; done
 }
@@ -69,7 +72,7 @@ case ${1:-} in
     [ -f "$OUT/pid" ] && kill -TERM -- -"$(cat "$OUT/pid")" 2>/dev/null && echo "sent SIGTERM" || echo "not running"
     exit 0 ;;
   --foreground) shift ;;
-  ""|-h|--help) sed -n '2,27p' "$0"; exit 2 ;;
+  ""|-h|--help) sed -n '2,29p' "$0"; exit 2 ;;
   *)  # start detached, in its own process group, and return
     check_args "$@"
     [ -f "$OUT/pid" ] && kill -0 "$(cat "$OUT/pid")" 2>/dev/null && { echo "already running: $0 status"; exit 1; }
@@ -101,6 +104,7 @@ fi
 echo "${ARMS[*]}" > "$OUT/arms"
 echo "$EPOCHS" > "$OUT/epochs"
 STAGES=${STAGES:-smoke speed arms}
+[ -z "${FINISH_WITHIN:-}" ] || DEADLINE=$(( $(date +%s) + FINISH_WITHIN * 60 ))
 log() { echo "[$(date -u '+%F %T')] $*"; }
 log "run.sh ${DATA} ${ARMS[*]} | stages: $STAGES | $($PY -c 'import torch; print("torch", torch.__version__,
   torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU")')"
@@ -173,10 +177,21 @@ run_arm() {  # train (or resume) one arm to the end, evaluate it, copy its small
 }
 
 arms() {
-  local a failed=0
+  local a failed=0 verdict fits
   mkdir -p "$RUNS/.exit"
+  local together=$(( JOBS < ${#ARMS[@]} ? JOBS : ${#ARMS[@]} ))
   for a in "${ARMS[@]}"; do
     while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 2; done
+    if [ -n "${DEADLINE:-}" ] && [ ! -f "$OUT/$a/eval.json" ]; then
+      verdict=$("$PY" "$HERE/tools.py" fits "$RUNS" "$a" "$EPOCHS" "$together" $(( DEADLINE - $(date +%s) ))) \
+        && fits=1 || fits=0
+      log "$verdict"
+      if [ $fits = 0 ]; then
+        echo 1 > "$RUNS/.exit/$a"
+        log "$a: not started (FINISH_WITHIN); run the command again when there is time for it"
+        continue
+      fi
+    fi
     (code=0; run_arm "$a" || code=1; echo $code > "$RUNS/.exit/$a") &
   done
   wait

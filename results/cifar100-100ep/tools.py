@@ -3,6 +3,7 @@ and the check that float32 matrix products on CUDA are true float32. Each is one
 
   python tools.py status OUT RUNS EPOCHS ARM ...   each arm's state, epoch, last k-NN, time left
   python tools.py epoch RUN_DIR                    the last epoch in RUN_DIR/metrics.jsonl (0 if none)
+  python tools.py fits RUNS ARM EPOCHS JOBS SECONDS can ARM still finish in SECONDS? (exit 0 yes, 1 no)
   python tools.py photos DIR                       10 classes of JPEGs of several sizes (the ImageNet path)
   python tools.py cuda-float32                     Sinkhorn on CUDA against float64 (fails under TF32)
 """
@@ -49,6 +50,24 @@ def epoch(run_dir):
     print(r[-1]["epoch"] if r else 0)
 
 
+def fits(runs, arm, epochs, jobs, seconds):
+    """Whether an arm can finish its remaining epochs in `seconds`, from a measured epoch time: its own
+    recent epochs if it has run, else the smoke test's second eager epoch (the arms' setting, warmed
+    up). Pessimistic: `jobs` arms side by side are taken to share the GPU evenly; allowances (guessed,
+    not measured): +10% for the in-training k-NN, 90 s for knn_eval.py --linear. Unknown: it may start."""
+    own, smoke = rows(os.path.join(runs, arm)), rows(os.path.join(runs, "smoke", "eager"))
+    done = own[-1]["epoch"] if own else 0
+    timed = [row["seconds"] for row in own[-5:]] or [row["seconds"] for row in smoke[-1:]]
+    if not timed:
+        print(f"{arm}: no epoch time measured yet, started without an estimate")
+        return True
+    need = (int(epochs) - done) * statistics.median(timed) * int(jobs) * 1.1 + 90
+    verdict = "fits" if need <= float(seconds) else "does not fit"
+    print(f"{arm}: needs about {need / 60:.1f} min ({int(epochs) - done} epochs at {statistics.median(timed):.1f} s, "
+          f"{jobs} arm(s) at once), {float(seconds) / 60:.1f} min left: {verdict}")
+    return need <= float(seconds)
+
+
 def photos(root, per_class=20, test_per_class=5):
     """JPEGs of several sizes and shapes, one colour layout per class: the 224 px ImageFolder path."""
     import numpy as np
@@ -89,9 +108,11 @@ if __name__ == "__main__":
         status(args[0], args[1], args[2], args[3:])
     elif command == "epoch":
         epoch(args[0])
+    elif command == "fits":
+        sys.exit(0 if fits(*args) else 1)
     elif command == "photos":
         photos(args[0])
     elif command == "cuda-float32":
         cuda_float32()
     else:
-        sys.exit(f"unknown command {command}: use status, epoch, photos or cuda-float32")
+        sys.exit(f"unknown command {command}: use status, epoch, fits, photos or cuda-float32")
