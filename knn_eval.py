@@ -68,11 +68,15 @@ def linear_probe(train_f, train_y, test_f, test_y, num_classes, epochs=500, batc
 
 
 @torch.no_grad()
-def one_shot(test_z, test_y, exemplar_z, prototypes):
+def one_shot(test_z, test_y, exemplar_z, prototypes=None):
     """Accuracy (%) of assigning each normalised test embedding to its most similar exemplar
-    embedding, and to its most similar prototype; row c of both is class c (the only labels used)."""
+    embedding, and to its most similar prototype; row c of both is class c (the only labels used).
+    No prototypes (a ReSA run keeps no memory bank): the exemplar row only."""
     acc = lambda centres: ((test_z @ centres.T).argmax(1) == test_y).float().mean().item() * 100
-    return {"oneshot_exemplar": acc(exemplar_z), "oneshot_prototype": acc(prototypes)}
+    res = {"oneshot_exemplar": acc(exemplar_z)}
+    if prototypes is not None:
+        res["oneshot_prototype"] = acc(prototypes)
+    return res
 
 
 def read_run(d):
@@ -93,6 +97,8 @@ def read_run(d):
                 note = (f"{d}: eval.json is of step {ev.get('step')}, the run reached step {rows[-1]['step']} "
                         f"(epoch {rows[-1]['epoch']}): stale, not used; run knn_eval.py on its last.pt again")
         arm = "ReSA" if cfg["lambda_proto"] == 0 and cfg["mu_mix"] == 0 else "OSESSL"
+        if arm == "ReSA":  # no memory bank, no prototype: eval.json before 2026-12-01 gave the exemplar row twice
+            final.pop("oneshot_prototype", None)
         setting = ""
         if arm == "OSESSL":  # runs from before the two flags ran what they now call online / alone
             setting = f"{cfg.get('exemplar_select', 'online')}/{cfg.get('exemplar_bn', 'alone')}"
@@ -239,7 +245,9 @@ def main(argv=None):
                                          log=lambda epoch: say(f"linear probe: epoch {epoch}/500"))
         test_z, ex_z = (embed(net, x, mean, std) for x in (test_x, exemplar_x))
         bank = bank.to(device)
-        protos = osessl.build_prototypes(ex_z, bank.feats, bank.valid(), cfg.k, cfg.alpha, cfg.tau_w)[0]
+        protos = None  # without a filled bank a "prototype" would be the exemplar alone: not reported
+        if bank.valid().any():
+            protos = osessl.build_prototypes(ex_z, bank.feats, bank.valid(), cfg.k, cfg.alpha, cfg.tau_w)[0]
         res.update(one_shot(test_z, test_y, ex_z, protos))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -358,7 +358,8 @@ def test_lambda_mu_zero_is_exactly_resa(tmp_path):
 
 def test_resa_mode_trains_on_the_whole_training_split(tmp_path, capsys):
     """ReSA mode draws, removes and forwards no exemplar: 320 training images give 10 steps of 32 per
-    epoch (OSESSL: 310 unlabeled, 9 steps); knn_eval's one-shot rows draw exemplars for evaluation only."""
+    epoch (OSESSL: 310 unlabeled, 9 steps); knn_eval's one-shot exemplar row draws exemplars for
+    evaluation only, and without a memory bank it reports no prototype row."""
     for flags, images, steps, exemplars in ((("--lambda-proto", "0", "--mu-mix", "0"), 320, 10, 0), ((), 310, 9, 10)):
         out = O.train(tiny_config(tmp_path / str(images), "--epochs", "1", "--eval-every", "0", *flags))
         assert f"{images} unlabeled + {exemplars} exemplars" in capsys.readouterr().out
@@ -366,6 +367,10 @@ def test_resa_mode_trains_on_the_whole_training_split(tmp_path, capsys):
         assert len(json.load(open(os.path.join(out, "config.json")))["exemplar_indices"]) == exemplars
     res = knn_eval.main(["--checkpoint", str(tmp_path / "320" / "run" / "last.pt")])
     assert 0 <= res["oneshot_exemplar"] <= 100
+    assert "oneshot_prototype" not in res  # ReSA fills no memory bank: no prototype to classify with
+    ev = tmp_path / "320" / "run" / "eval.json"  # as knn_eval wrote it before: the exemplar row twice
+    ev.write_text(json.dumps(dict(json.loads(ev.read_text()), oneshot_prototype=res["oneshot_exemplar"])))
+    assert "oneshot_prototype" not in knn_eval.summarize([str(ev.parent)])[0]["final"]
 
 
 # the default (momentum, joint: README's CPU study) and the other three settings of --exemplar-select / --exemplar-bn
