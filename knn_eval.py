@@ -161,10 +161,11 @@ def summarize(run_dirs, plot=None):
                   ("nbr_precision", "neighbour precision: in training (-), momentum exemplars (:)"),
                   ("usage_entropy", "entropy / log C: batch usage (-), per image (--)")]
         fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+        greys = iter(["black", "dimgray", "darkgray", "silver"] * len(runs))  # ReSA runs in greys, told apart
         for r in runs:
             label = "ReSA" if r["arm"] == "ReSA" else f"OSESSL {r['setting']}, exemplar seed {r['seed']}"
             label = f"{label} [{os.path.basename(os.path.normpath(r['dir']))}]"  # runs of one setting differ
-            color = "black" if r["arm"] == "ReSA" else None
+            color = next(greys) if r["arm"] == "ReSA" else None
             for ax, (key, title) in zip(axes, panels):
                 curve = [(row["epoch"], row[key]) for row in r["rows"] if key in row]
                 if not curve:
