@@ -501,6 +501,26 @@ def test_channel_stats_are_the_population_mean_and_std_whatever_the_chunks():
         assert torch.allclose(std.double(), ref.std((0, 2, 3), correction=0), rtol=1e-6)
 
 
+def test_finish_within_estimates_from_the_arms_own_epochs_else_the_smoke_tests(tmp_path, capsys):
+    """run.sh's FINISH_WITHIN: an arm that has run is timed by its own recent epochs; one that has not, by
+    the smoke test's last epoch (measured alone) times the arms at once; plus 10% and 90 s."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("tools", os.path.join(HERE, "results", "cifar100-100ep", "tools.py"))
+    tools = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tools)
+    fits = lambda seconds: tools.fits(str(tmp_path), "resa", 100, 2, seconds)  # 100 epochs, 2 arms at once
+    assert fits(0)  # nothing measured yet: may start
+    write = lambda d, secs: (os.makedirs(d, exist_ok=True), open(os.path.join(d, "metrics.jsonl"), "w").write(
+        "".join(json.dumps(dict(epoch=e + 1, seconds=t)) + "\n" for e, t in enumerate(secs))))
+    write(tmp_path / "smoke" / "eager", [9.0, 3.0])
+    need = 100 * 3.0 * 2 * 1.1 + 90
+    assert fits(need + 1) and not fits(need - 1)
+    write(tmp_path / "resa", [20.0, 6.0, 6.0])  # its own epochs, already measured beside the other arm
+    need = 97 * 6.0 * 1.1 + 90
+    assert fits(need + 1) and not fits(need - 1)
+    assert "does not fit" in capsys.readouterr().out
+
+
 def test_knn_protocols_on_separable_features():
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(5, 16, generator=g) * 5

@@ -52,19 +52,23 @@ def epoch(run_dir):
 
 def fits(runs, arm, epochs, jobs, seconds):
     """Whether an arm can finish its remaining epochs in `seconds`, from a measured epoch time: its own
-    recent epochs if it has run, else the smoke test's second eager epoch (the arms' setting, warmed
-    up). Pessimistic: `jobs` arms side by side are taken to share the GPU evenly; allowances (guessed,
-    not measured): +10% for the in-training k-NN, 90 s for knn_eval.py --linear. Unknown: it may start."""
+    recent epochs if it has run (measured beside the arms it ran with), else the smoke test's second
+    eager epoch (the arms' setting, warmed up, alone: taken `jobs` times longer, as if `jobs` arms side
+    by side shared the GPU evenly). Allowances (guessed, not measured): +10% for the in-training k-NN,
+    90 s for knn_eval.py --linear. No epoch time measured yet: it may start."""
     own, smoke = rows(os.path.join(runs, arm)), rows(os.path.join(runs, "smoke", "eager"))
     done = own[-1]["epoch"] if own else 0
-    timed = [row["seconds"] for row in own[-5:]] or [row["seconds"] for row in smoke[-1:]]
-    if not timed:
+    if own:
+        per_epoch, source = statistics.median(row["seconds"] for row in own[-5:]), "its own epochs"
+    elif smoke:
+        per_epoch, source = smoke[-1]["seconds"] * int(jobs), f"the smoke test's, x{jobs} arms at once"
+    else:
         print(f"{arm}: no epoch time measured yet, started without an estimate")
         return True
-    need = (int(epochs) - done) * statistics.median(timed) * int(jobs) * 1.1 + 90
+    need = (int(epochs) - done) * per_epoch * 1.1 + 90
     verdict = "fits" if need <= float(seconds) else "does not fit"
-    print(f"{arm}: needs about {need / 60:.1f} min ({int(epochs) - done} epochs at {statistics.median(timed):.1f} s, "
-          f"{jobs} arm(s) at once), {float(seconds) / 60:.1f} min left: {verdict}")
+    print(f"{arm}: needs about {need / 60:.1f} min ({int(epochs) - done} epochs at {per_epoch:.1f} s, {source}), "
+          f"{float(seconds) / 60:.1f} min left: {verdict}")
     return need <= float(seconds)
 
 
