@@ -15,6 +15,7 @@ Results are written to eval.json beside the checkpoint.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -161,7 +162,7 @@ def summarize(run_dirs, plot=None):
                   ("nbr_precision", "neighbour precision: in training (-), momentum exemplars (:)"),
                   ("usage_entropy", "entropy / log C: batch usage (-), per image (--)")]
         fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-        greys = iter(["black", "dimgray", "darkgray", "silver"] * len(runs))  # ReSA runs in greys, told apart
+        greys = itertools.cycle(["black", "dimgray", "darkgray", "silver"])  # ReSA runs in greys, told apart
         for r in runs:
             label = "ReSA" if r["arm"] == "ReSA" else f"OSESSL {r['setting']}, exemplar seed {r['seed']}"
             label = f"{label} [{os.path.basename(os.path.normpath(r['dir']))}]"  # runs of one setting differ
@@ -246,9 +247,9 @@ def main(argv=None):
                                          log=lambda epoch: say(f"linear probe: epoch {epoch}/500"))
         test_z, ex_z = (embed(net, x, mean, std) for x in (test_x, exemplar_x))
         bank = bank.to(device)
-        protos = None  # without a filled bank a "prototype" would be the exemplar alone: not reported
-        if bank.valid().any():
-            protos = osessl.build_prototypes(ex_z, bank.feats, bank.valid(), cfg.k, cfg.alpha, cfg.tau_w)[0]
+        valid, protos = bank.valid(), None  # without a filled bank a "prototype" is the exemplar alone: not reported
+        if valid.any():
+            protos = osessl.build_prototypes(ex_z, bank.feats, valid, cfg.k, cfg.alpha, cfg.tau_w)[0]
         res.update(one_shot(test_z, test_y, ex_z, protos))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)

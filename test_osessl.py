@@ -504,10 +504,7 @@ def test_channel_stats_are_the_population_mean_and_std_whatever_the_chunks():
 def test_finish_within_estimates_from_the_arms_own_epochs_else_the_smoke_tests(tmp_path, capsys):
     """run.sh's FINISH_WITHIN: an arm that has run is timed by its own recent epochs; one that has not, by
     the smoke test's last epoch (measured alone) times the arms at once; plus 10% and 90 s."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("tools", os.path.join(HERE, "results", "cifar100-100ep", "tools.py"))
-    tools = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tools)
+    tools = load_script("results/cifar100-100ep/tools.py")
     fits = lambda seconds: tools.fits(str(tmp_path), "resa", 100, 2, seconds)  # 100 epochs, 2 arms at once
     assert fits(0)  # nothing measured yet: may start
     write = lambda d, secs: (os.makedirs(d, exist_ok=True), open(os.path.join(d, "metrics.jsonl"), "w").write(

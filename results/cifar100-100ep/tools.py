@@ -23,6 +23,11 @@ def rows(run_dir):
         return []
 
 
+def seconds_per_epoch(r):
+    """An arm's recent pace: the median training seconds of its last 5 epochs (None before its first)."""
+    return statistics.median(row["seconds"] for row in r[-5:]) if r else None
+
+
 def status(out, runs, epochs, arms):
     """One line per arm: done (eval.json), running or stopped (a checkpoint), queued (nothing yet)."""
     epochs = int(epochs)
@@ -34,8 +39,7 @@ def status(out, runs, epochs, arms):
         done = os.path.exists(os.path.join(res, "eval.json"))
         epoch = r[-1]["epoch"] if r else 0
         knn = next((row["knn5"] for row in reversed(r) if "knn5" in row), None)
-        recent = [row["seconds"] for row in r[-5:]]
-        per_epoch = statistics.median(recent) if recent else None
+        per_epoch = seconds_per_epoch(r)
         state = "done" if done else "started" if r else "queued"
         left = 0 if done else (epochs - epoch) * per_epoch if per_epoch else None
         left_total += left or 0
@@ -56,20 +60,21 @@ def fits(runs, arm, epochs, jobs, seconds):
     eager epoch (the arms' setting, warmed up, alone: taken `jobs` times longer, as if `jobs` arms side
     by side shared the GPU evenly). Allowances (guessed, not measured): +10% for the in-training k-NN,
     90 s for knn_eval.py --linear. No epoch time measured yet: it may start."""
+    epochs, jobs, seconds = int(epochs), int(jobs), float(seconds)
     own, smoke = rows(os.path.join(runs, arm)), rows(os.path.join(runs, "smoke", "eager"))
-    done = own[-1]["epoch"] if own else 0
     if own:
-        per_epoch, source = statistics.median(row["seconds"] for row in own[-5:]), "its own epochs"
+        per_epoch, source = seconds_per_epoch(own), "its own epochs"
     elif smoke:
-        per_epoch, source = smoke[-1]["seconds"] * int(jobs), f"the smoke test's, x{jobs} arms at once"
+        per_epoch, source = smoke[-1]["seconds"] * jobs, f"the smoke test's, x{jobs} arms at once"
     else:
         print(f"{arm}: no epoch time measured yet, started without an estimate")
         return True
-    need = (int(epochs) - done) * per_epoch * 1.1 + 90
-    verdict = "fits" if need <= float(seconds) else "does not fit"
-    print(f"{arm}: needs about {need / 60:.1f} min ({int(epochs) - done} epochs at {per_epoch:.1f} s, {source}), "
-          f"{float(seconds) / 60:.1f} min left: {verdict}")
-    return need <= float(seconds)
+    left = epochs - (own[-1]["epoch"] if own else 0)
+    need = left * per_epoch * 1.1 + 90
+    ok = need <= seconds
+    print(f"{arm}: needs about {need / 60:.1f} min ({left} epochs at {per_epoch:.1f} s, {source}), "
+          f"{seconds / 60:.1f} min left: {'fits' if ok else 'does not fit'}")
+    return ok
 
 
 def photos(root, per_class=20, test_per_class=5):
