@@ -24,11 +24,14 @@ Run (the same file with or without a launcher; GPU commands: the paper's setting
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
+import operator
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -449,7 +452,8 @@ def load_cifar(cfg):
     import torchvision
     cls = torchvision.datasets.CIFAR10 if cfg.dataset == "cifar10" else torchvision.datasets.CIFAR100
     try:
-        splits = [cls(cfg.data_dir, train=t, download=True) for t in (True, False)]
+        with removed_on_failure(cfg.data_dir):  # a failed download leaves nothing behind
+            splits = [cls(cfg.data_dir, train=t, download=True) for t in (True, False)]
     except Exception as e:  # offline machines land here
         folder = "cifar-10-batches-py" if cfg.dataset == "cifar10" else "cifar-100-python"
         raise UsageError(f"could not download {cfg.dataset} into {cfg.data_dir} ({type(e).__name__}); offline, copy "
@@ -459,6 +463,23 @@ def load_cifar(cfg):
     for s in splits:
         out += [torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets)]
     return (*out, len(splits[0].classes))
+
+
+@contextlib.contextmanager
+def removed_on_failure(folder):
+    """If the body fails, remove what it created: `folder` and the parents it made, when it did not
+    exist; else the entries new in it. Nothing that was there before is touched."""
+    folder = top = os.path.abspath(folder)
+    while not os.path.exists(os.path.dirname(top)):
+        top = os.path.dirname(top)
+    before = set(os.listdir(folder)) if os.path.isdir(folder) else None
+    try:
+        yield
+    except BaseException:
+        new = [top] if before is None else [os.path.join(folder, n) for n in set(os.listdir(folder)) - before]
+        for path in new:
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+        raise
 
 
 def decode_image(path, size):
@@ -476,10 +497,9 @@ def decode_image(path, size):
         return type(e).__name__
 
 
-def load_imagefolder_split(root, split, size=0):
-    """Decode DIR/split/<class>/* once into uint8 (N, 3, S, S), on every CPU core, and cache it next to
-    the data when writable. torchvision's ImageFolder finds the classes and image files; hidden files
-    (._*, .DS_Store) are skipped. size 0: S is the first image's short side. Returns images, labels, classes."""
+def list_imagefolder(root, split):
+    """DIR/split/<class>/* as torchvision's ImageFolder finds it (hidden files such as ._* and .DS_Store
+    skipped): classes, paths and labels, without decoding a pixel."""
     from torchvision.datasets import ImageFolder
     from torchvision.datasets.folder import IMG_EXTENSIONS
     top = os.path.join(root, split)
@@ -487,9 +507,18 @@ def load_imagefolder_split(root, split, size=0):
         raise UsageError(f"{top} is not a directory: --data-dir must hold train/<class>/* and test/<class>/*")
     is_image = lambda p: p.lower().endswith(IMG_EXTENSIONS) and not os.path.basename(p).startswith(".")
     try:
-        ds = ImageFolder(top, is_valid_file=is_image)
+        return ImageFolder(top, is_valid_file=is_image)
     except FileNotFoundError as e:  # no class folder, or a class folder without an image
         raise UsageError(f"{top}: {e} (an empty class folder needs an image, or must go)") from None
+
+
+def load_imagefolder_split(root, split, size=0, ds=None, node=(0, 1)):
+    """Decode DIR/split/<class>/* (ds: its listing) once into uint8 (N, 3, S, S), on the CPU cores, and
+    cache it next to the data when writable. node (local rank, processes on this node): under torchrun
+    local rank 0 decodes and writes the cache while the others wait, then they read it. size 0: S is
+    the first image's short side. Returns images, labels, classes."""
+    ds = ds or list_imagefolder(root, split)
+    top, (local_rank, local_world) = os.path.join(root, split), node
     paths, labels = [p for p, _ in ds.samples], torch.tensor(ds.targets)
     if not size:
         from PIL import Image
@@ -498,37 +527,69 @@ def load_imagefolder_split(root, split, size=0):
     listing = [size] + [(os.path.relpath(p, root), os.path.getsize(p)) for p in paths]
     key = hashlib.sha1(json.dumps(listing).encode()).hexdigest()  # a changed file or size: decode anew
     cache = os.path.join(root, f".osessl-cache-{split}.pt")
-    try:  # tensors and plain data only: a crafted cache cannot run code, a wrong one is decoded anew
+    if local_rank > 0 and agree(0):  # wait for local rank 0's decode (1: it failed, and said why)
+        raise UsageError(f"{top}: not decoded, see the first process's error")
+    try:
+        x = read_cache(cache, key, labels, size)
+        if x is None:
+            x = decode_split(ds, paths, size, top, node)
+            tmp = f"{cache}.{os.getpid()}.tmp"  # several runs may start at once on the same data
+            try:
+                torch.save({"key": key, "x": x, "y": labels}, tmp)
+                os.replace(tmp, cache)
+            except OSError:
+                pass  # read-only data directory: decode again next time
+    except UsageError:
+        if local_rank == 0 and local_world > 1:
+            agree(1)
+        raise
+    if local_rank == 0 and local_world > 1:
+        agree(0)
+    return x, labels, ds.classes
+
+
+def read_cache(cache, key, labels, size):
+    """The cached split if it is this listing's, else None. Tensors and plain data only: a crafted cache
+    cannot run code, a wrong or damaged one is decoded anew (and rewritten)."""
+    try:
         c = torch.load(cache, weights_only=True)
         x = c["x"]
-        if c["key"] == key and x.dtype == torch.uint8 and x.shape == (len(paths), 3, size, size) \
+        if c["key"] == key and x.dtype == torch.uint8 and x.shape == (len(labels), 3, size, size) \
                 and torch.equal(c["y"], labels):
-            return x, labels, ds.classes
+            return x
     except Exception:
-        pass  # no cache yet, or an unreadable or foreign one: decode (and rewrite it)
-    need, have = len(paths) * 3 * size * size, host_memory_bytes()
+        pass
+    return None
+
+
+def decode_split(ds, paths, size, top, node=(0, 1)):
+    """Every image of the listing decoded in DataLoader workers, every unreadable file reported at once.
+    node (local rank, processes on this node): each process of the node will hold a copy; local rank 0
+    decodes alone, the others only when it could not write the cache, then all at once."""
+    (local_rank, local_world), cores = node, os.cpu_count() or 1
+    need, have = len(paths) * 3 * size * size * local_world, host_memory_bytes()
     if need > have:
-        raise UsageError(f"{top} at {size} x {size} px needs {need / 2 ** 30:.2f} GiB, more than this machine's "
-                         f"{have / 2 ** 30:.2f} GiB of free memory: give a smaller --image-size")
+        raise UsageError(f"{top} at {size} x {size} px needs {need / 2 ** 30:.2f} GiB for the {local_world} process(es) "
+                         f"of this node, more than its {have / 2 ** 30:.2f} GiB of free memory: give a smaller "
+                         "--image-size")
+    print(f"osessl: decoding {top} ({len(paths)} images at {size} x {size} px, cached for the next run)", flush=True)
     ds.loader = partial(decode_image, size=size)
-    workers = 0 if len(paths) < 2000 else os.cpu_count() or 1  # small folders: starting workers costs more
+    workers = 0 if len(paths) < 2000 else max(1, cores // (local_world if local_rank else 1))  # small: no workers
     batches = torch.utils.data.DataLoader(ds, batch_size=256, num_workers=workers, collate_fn=list)
-    x, t0, t_print = torch.empty(len(paths), 3, size, size, dtype=torch.uint8), time.time(), time.time()
+    x, bad, t0, t_print = torch.empty(len(paths), 3, size, size, dtype=torch.uint8), [], time.time(), time.time()
     for b, batch in enumerate(batches):
         for i, (img, _) in enumerate(batch, b * 256):
             if isinstance(img, str):
-                raise UsageError(f"cannot read image {paths[i]} ({img}): remove or replace the file")
-            x[i] = img
+                bad.append(f"{paths[i]} ({img})")
+            else:
+                x[i] = img
         if time.time() - t_print > 10:
             t_print = time.time()
-            print(f"  decoding {split}: {i + 1}/{len(paths)} ({(i + 1) / (t_print - t0):.0f}/s)", flush=True)
-    tmp = f"{cache}.{os.getpid()}.tmp"  # several runs may start at once on the same data
-    try:
-        torch.save({"key": key, "x": x, "y": labels}, tmp)
-        os.replace(tmp, cache)
-    except OSError:
-        pass  # read-only data directory: decode again next time
-    return x, labels, ds.classes
+            print(f"  decoding {top}: {i + 1}/{len(paths)} ({(i + 1) / (t_print - t0):.0f}/s)", flush=True)
+    if bad:
+        raise UsageError(f"{len(bad)} unreadable image(s) in {top}: {', '.join(bad[:3])}{', ...' * (len(bad) > 3)}: "
+                         "remove or replace them")
+    return x
 
 
 def host_memory_bytes():
@@ -554,22 +615,28 @@ def make_synthetic(num_classes, per_class, seed=0, size=32):
     return (*sample(num_classes * per_class), *sample(num_classes * max(1, per_class // 4)), num_classes)
 
 
-def load_data(cfg):
-    """Returns train_x, train_y, test_x, test_y (uint8 images, int64 labels) and the number of classes."""
+def load_data(cfg, check=None, node=(0, 1)):
+    """Returns train_x, train_y, test_x, test_y (uint8 images, int64 labels) and the number of classes.
+    check(train_y, num_classes), if given, runs before an ImageFolder's pixels are decoded (and cached)."""
     if cfg.dataset in ("cifar10", "cifar100"):
         data = load_cifar(cfg)
     elif cfg.dataset == "imagefolder":
         if not os.path.isdir(cfg.data_dir):
             raise UsageError(f"--data-dir {cfg.data_dir} does not exist: point it at a folder holding train/ and test/")
-        tx, ty, classes = load_imagefolder_split(cfg.data_dir, "train", cfg.image_size)
-        vx, vy, test_classes = load_imagefolder_split(cfg.data_dir, "test", tx.shape[-1])  # the training size
-        if test_classes != classes:
-            raise UsageError(f"{cfg.data_dir}: test/ and train/ hold different class folders ({len(test_classes)} and "
-                             f"{len(classes)}): both need the same classes")
-        data = (tx, ty, vx, vy, len(classes))
+        train, test = list_imagefolder(cfg.data_dir, "train"), list_imagefolder(cfg.data_dir, "test")
+        if test.classes != train.classes:
+            raise UsageError(f"{cfg.data_dir}: test/ and train/ hold different class folders ({len(test.classes)} and "
+                             f"{len(train.classes)}): both need the same classes")
+        if check:
+            check(torch.tensor(train.targets), len(train.classes))
+        tx, ty, _ = load_imagefolder_split(cfg.data_dir, "train", cfg.image_size, train, node)
+        vx, vy, _ = load_imagefolder_split(cfg.data_dir, "test", tx.shape[-1], test, node)  # the training size
+        data = (tx, ty, vx, vy, len(train.classes))
     else:
         data = make_synthetic(cfg.synthetic_classes, cfg.synthetic_per_class, seed=cfg.seed)
     tx, ty, vx, vy, num_classes = data
+    if check and cfg.dataset != "imagefolder":
+        check(ty, num_classes)
     if cfg.test_limit and cfg.test_limit < len(vx):
         keep = torch.randperm(len(vx), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.test_limit]
         vx, vy = vx[keep], vy[keep]
@@ -794,8 +861,14 @@ class UsageError(Exception):
     """Bad input: reported as one line on stderr with exit code 2, never as a traceback."""
 
 
-def opt(default, help, choices=()):
-    return field(default=default, metadata={"help": help, "choices": choices})
+def opt(default, help, choices=(), at_least=None, above=None, at_most=None):
+    """A Config field: its default, its --help, and what check_config accepts."""
+    return field(default=default, metadata=dict(help=help, choices=choices, at_least=at_least, above=above,
+                                                 at_most=at_most))
+
+
+SEED = dict(at_least=0, at_most=2 ** 31 - 1)
+LIMITS = (("at_least", ">=", operator.ge), ("above", ">", operator.gt), ("at_most", "<=", operator.le))
 
 
 @dataclass
@@ -805,17 +878,18 @@ class Config:
                        "(DIR/train/<class>/*, DIR/test/<class>/*) | synthetic (generated, no files)",
                        ("cifar10", "cifar100", "imagefolder", "synthetic"))
     data_dir: str = opt("./data", "where CIFAR is downloaded, or the ImageFolder root holding train/ and test/")
-    train_limit: int = opt(0, "use only this many unlabeled training images (seeded subset; 0 = all)")
-    test_limit: int = opt(0, "evaluate on only this many test images (seeded subset; 0 = all)")
-    synthetic_classes: int = opt(10, "number of classes of --dataset synthetic")
-    synthetic_per_class: int = opt(64, "training images per class of --dataset synthetic (a quarter as many to test)")
+    train_limit: int = opt(0, "use only this many unlabeled training images (seeded subset; 0 = all)", at_least=0)
+    test_limit: int = opt(0, "evaluate on only this many test images (seeded subset; 0 = all)", at_least=0)
+    synthetic_classes: int = opt(10, "number of classes of --dataset synthetic", at_least=1)
+    synthetic_per_class: int = opt(64, "training images per class of --dataset synthetic (a quarter as many to test)",
+                                   at_least=1)
     image_size: int = opt(0, "imagefolder: resize (short side) and centre-crop every image once, when decoded, to "
                           "this square size (0 = the images' own size, when they all share one square size)")
     data_on: str = opt("auto", "where the uint8 images live: device | host (pinned; each batch copied to the device) "
                        "| auto (the device when the splits take at most half of its free memory)",
                        ("auto", "device", "host"))
     # one-shot split
-    exemplar_seed: int = opt(0, "seed that draws the one labeled exemplar per class")
+    exemplar_seed: int = opt(0, "seed that draws the one labeled exemplar per class", **SEED)
     exemplars: str = opt("", "JSON file with a list of training indices, one per class (overrides --exemplar-seed)")
     keep_exemplars_in_unlabeled: bool = opt(False, "paper silent; our default removes the exemplars from D_u")
     exemplar_select: str = opt("momentum", "paper silent: which network's exemplar embedding scores the bank "
@@ -826,46 +900,50 @@ class Config:
                            "or in one batch with the weak views (joint). Default: README's CPU study",
                            ("alone", "joint"))
     # networks
-    width: int = opt(64, "ResNet-18 base width (64 = the real ResNet-18; tests use 8 or 16 to run fast)")
+    width: int = opt(64, "ResNet-18 base width (64 = the real ResNet-18; tests use 8 or 16 to run fast)", at_least=1)
     stem: str = opt("auto", "ResNet stem: cifar (3x3 conv, no max-pool) | cifar-pad (the same after zero-padding the "
                     "input by 1 px: ReSA's official CIFAR encoder, maps 34/17/9/5 at 32 px, 27%% more compute) | "
                     "imagenet (torchvision's 7x7/2 conv + max-pool) | auto (cifar up to 64 px, imagenet above)",
                     ("auto", "cifar", "cifar-pad", "imagenet"))
-    proj_hidden: int = opt(2048, "projector hidden size")
-    proj_dim: int = opt(512, "projector output size d")
+    proj_hidden: int = opt(2048, "projector hidden size", at_least=1)
+    proj_dim: int = opt(512, "projector output size d", at_least=1)
     # optimisation
-    epochs: int = opt(1000, "training epochs (the paper: 1000 on CIFAR)")
-    batch_size: int = opt(256, "images per process and step (global batch = this x number of processes)")
-    lr: float = opt(0.3, "base learning rate for a global batch of 256 (scaled linearly)")
-    weight_decay: float = opt(1e-4, "SGD weight decay, applied to every parameter")
-    warmup_epochs: int = opt(2, "linear warm-up epochs, then cosine to --final-lr-ratio x lr")
-    final_lr_ratio: float = opt(0.1, "learning rate at the end of the cosine schedule, relative to lr")
-    ema_start: float = opt(0.996, "momentum-encoder EMA coefficient at step 0, cosine to 1")
+    epochs: int = opt(1000, "training epochs (the paper: 1000 on CIFAR)", at_least=1)
+    batch_size: int = opt(256, "images per process and step (global batch = this x number of processes; at least 2: "
+                          "BatchNorm needs two)", at_least=2)
+    lr: float = opt(0.3, "base learning rate for a global batch of 256 (scaled linearly)", above=0)
+    weight_decay: float = opt(1e-4, "SGD weight decay, applied to every parameter", at_least=0)
+    warmup_epochs: int = opt(2, "linear warm-up epochs, then cosine to --final-lr-ratio x lr", at_least=0)
+    final_lr_ratio: float = opt(0.1, "learning rate at the end of the cosine schedule, relative to lr", at_least=0)
+    ema_start: float = opt(0.996, "momentum-encoder EMA coefficient at step 0, cosine to 1", at_least=0, at_most=1)
     # ReSA (section 3)
-    sinkhorn_eps: float = opt(0.05, "Sinkhorn entropic regularisation")
-    sinkhorn_iters: int = opt(3, "Sinkhorn iterations (ReSA uses 3)")
-    resa_temp: float = opt(0.4, "temperature of the ReSA and instance-mixup logits")
+    sinkhorn_eps: float = opt(0.05, "Sinkhorn entropic regularisation", above=0)
+    sinkhorn_iters: int = opt(3, "Sinkhorn iterations (ReSA uses 3)", at_least=1)
+    resa_temp: float = opt(0.4, "temperature of the ReSA and instance-mixup logits", above=0)
     # OSESSL (sections 4-7)
-    lambda_proto: float = opt(1.0, "weight lambda of L_proto = L_align + L_disp (0 with --mu-mix 0 gives ReSA)")
-    mu_mix: float = opt(1.0, "weight mu of L_mix (1.0 on CIFAR, 0.25 on ImageNet)")
-    bank_size: int = opt(4096, "memory bank size K (FIFO of momentum weak-view embeddings)")
-    k: int = opt(8, "neighbours per exemplar")
-    alpha: float = opt(0.75, "discriminative score: weight of own-exemplar similarity vs nearest other exemplar")
-    tau_w: float = opt(1.0, "temperature of the prototype member weights; paper writes none, we use 1.0")
-    tau_s: float = opt(0.1, "student temperature")
-    tau_t: float = opt(0.04, "teacher temperature (sharper)")
-    zeta: float = opt(1.0, "mixup Beta(zeta, zeta) parameter; paper silent, 1.0 = uniform")
+    lambda_proto: float = opt(1.0, "weight lambda of L_proto = L_align + L_disp (0 with --mu-mix 0 gives ReSA)",
+                              at_least=0)
+    mu_mix: float = opt(1.0, "weight mu of L_mix (1.0 on CIFAR, 0.25 on ImageNet)", at_least=0)
+    bank_size: int = opt(4096, "memory bank size K (FIFO of momentum weak-view embeddings)", at_least=1)
+    k: int = opt(8, "neighbours per exemplar", at_least=1)
+    alpha: float = opt(0.75, "discriminative score: weight of own-exemplar similarity vs nearest other exemplar",
+                       at_least=0, at_most=1)
+    tau_w: float = opt(1.0, "temperature of the prototype member weights; paper writes none, we use 1.0", above=0)
+    tau_s: float = opt(0.1, "student temperature", above=0)
+    tau_t: float = opt(0.04, "teacher temperature (sharper)", above=0)
+    zeta: float = opt(1.0, "mixup Beta(zeta, zeta) parameter; paper silent, 1.0 = uniform", above=0)
     blur: str = opt("auto", "Gaussian blur in the strong view, p=0.5, sigma in [0.1, 2] px, kernel 2 round(S/20) + 1 "
                     "(ReSA's ImageNet recipe; the paper is silent): on | off | auto (on above 64 px)",
                     ("auto", "on", "off"))
     dispersion: str = opt("mean", "mean (the paper's text) | logsumexp (contrastive form, pushes closest pairs "
                           "hardest)", ("mean", "logsumexp"))
     # run
-    seed: int = opt(0, "seed of the network init, epoch permutations and augmentation")
-    eval_every: int = opt(10, "k-NN evaluation every this many epochs (and after the last); 0 = only at the end")
-    max_steps: int = opt(0, "stop after this many optimiser steps in total (0 = run all epochs); for tests")
+    seed: int = opt(0, "seed of the network init, epoch permutations and augmentation", **SEED)
+    eval_every: int = opt(10, "k-NN evaluation every this many epochs (and after the last); 0 = only at the end",
+                          at_least=0)
+    max_steps: int = opt(0, "stop after this many optimiser steps in total (0 = run all epochs); for tests", at_least=0)
     keep_every: int = opt(0, "also keep the checkpoint of every N-th epoch as epoch<N>.pt beside last.pt (0 = none): "
-                          "training progress for notebook 1")
+                          "training progress for notebook 1", at_least=0)
     out: str = opt("", "run directory (default runs/<dataset>-<method>-<timestamp>)")
     overwrite: bool = opt(False, "allow writing into a --out that already holds another run")
     resume: str = opt("", "checkpoint (last.pt) to continue from")
@@ -890,10 +968,6 @@ class Config:
 # settings of how a run is carried out, not of what it learns: a resumed run takes them from its command line
 RUN_CONTROL = ("out", "overwrite", "resume", "max_steps", "keep_every", "compile", "compile_mode", "device", "data_on",
                "memory_format")
-POSITIVE = ("epochs", "batch_size", "lr", "k", "bank_size", "sinkhorn_eps", "resa_temp", "tau_w", "tau_s", "tau_t",
-            "zeta", "width", "sinkhorn_iters")
-NON_NEGATIVE = ("lambda_proto", "mu_mix", "weight_decay", "warmup_epochs", "final_lr_ratio", "eval_every", "max_steps",
-                "keep_every", "train_limit", "test_limit")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -928,16 +1002,14 @@ def check_config(cfg: Config):
     if cfg.image_size and not 8 <= cfg.image_size <= 4096:
         raise UsageError(f"--image-size must lie in 8..4096 pixels (0 = the images' own size), got {cfg.image_size}")
     for f in fields(cfg):
-        value, choices = getattr(cfg, f.name), f.metadata["choices"]
-        if f.name in POSITIVE and not value > 0:
-            raise UsageError(f"{flag(f.name)} must be positive, got {value}")
-        if f.name in NON_NEGATIVE and value < 0:
-            raise UsageError(f"{flag(f.name)} must be >= 0, got {value}")
-        if f.name in ("ema_start", "alpha") and not 0 <= value <= 1:
-            raise UsageError(f"{flag(f.name)} must lie in [0, 1], got {value}")
-        if choices and value not in choices:
-            raise UsageError(f"unknown {flag(f.name)} {value!r}: use {', '.join(choices[:-1])} or {choices[-1]}")
-    if cfg.k > cfg.bank_size:
+        value, m = getattr(cfg, f.name), f.metadata
+        limits = [(op, m[key], holds) for key, op, holds in LIMITS if m[key] is not None]
+        if limits and not (math.isfinite(value) and all(holds(value, b) for _, b, holds in limits)):
+            raise UsageError(f"{flag(f.name)} must be {' and '.join(f'{op} {b}' for op, b, _ in limits)}, got {value}")
+        if m["choices"] and value not in m["choices"]:
+            raise UsageError(f"unknown {flag(f.name)} {value!r}: use {', '.join(m['choices'][:-1])} or "
+                             f"{m['choices'][-1]}")
+    if cfg.uses_exemplars and cfg.k > cfg.bank_size:  # ReSA keeps no bank
         raise UsageError(f"--k {cfg.k} is larger than the memory bank (--bank-size {cfg.bank_size}): lower k or "
                          "enlarge the bank")
 
@@ -961,14 +1033,16 @@ def save_checkpoint(path, obj):
 
 
 @torch.no_grad()
-def extract_features(net, images, mean, std, to_net=lambda x: x, batch_size=1024):
-    """float32 outputs of `net` (an encoder: the unnormalised 512-d features) for uint8 images
-    (N, 3, H, W), in eval mode (BatchNorm running statistics), no augmentation. The images may live
-    on the host (--data-on host): chunks go to the device of mean."""
+def extract_features(net, images, mean, std, to_net=lambda x: x, index=None, batch_size=1024):
+    """float32 outputs of `net` (an encoder: the unnormalised features) for uint8 images (N, 3, H, W),
+    or for images[index] read a chunk at a time (no copy of the split), in eval mode (BatchNorm running
+    statistics), no augmentation. The images may live on the host (--data-on host): chunks go to the
+    device of mean."""
     was_training = net.training
     net.eval()
     out = []
-    for chunk in images.split(batch_size):
+    chunks = images.split(batch_size) if index is None else (images[i] for i in index.split(batch_size))
+    for chunk in chunks:
         x = (chunk.to(mean.device, non_blocking=True).float() / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
             out.append(net(to_net(x)).float())
@@ -1005,13 +1079,15 @@ def knn_report(train_f, train_y, test_f, test_y, num_classes):
     return {"knn5": knn(5), "knn20_cos": knn(20, cosine=True), "knn200_cos": knn(200, cosine=True)}
 
 
-def evaluate(run, eval_mem_x, eval_mem_y, test_x, test_y):
-    """In-training k-NN on the momentum encoder's features, the training images in use as memory.
+def evaluate(run, train_x, train_y, test_x, test_y, memory=None):
+    """In-training k-NN on the momentum encoder's features, the training images in use as memory
+    (memory: their indices; None: all).
     With exemplars, also the neighbour precision that the current bank gives to the un-augmented
     exemplars embedded by the online network (z_l, the members) and by the momentum network (which
     fills the bank and, by default, chooses the neighbours): how well the two embeddings agree."""
-    feats = lambda x: extract_features(run.momentum_net.encoder, x, run.mean, run.std, run.to_net)
-    report = knn_report(feats(eval_mem_x), eval_mem_y, feats(test_x), test_y, run.num_classes)
+    feats = lambda x, index=None: extract_features(run.momentum_net.encoder, x, run.mean, run.std, run.to_net, index)
+    memory_y = train_y if memory is None else train_y[memory.to(train_y.device)]
+    report = knn_report(feats(train_x, memory), memory_y, feats(test_x), test_y, run.num_classes)
     if run.cfg.uses_exemplars:
         cfg = run.cfg
         for name, net in (("online", run.net), ("momentum", run.momentum_net)):
@@ -1102,6 +1178,26 @@ def load_parts(path, ck, parts):
                              f"({detail[:150]}{'...' if len(detail) > 150 else ''})") from None
 
 
+def check_resume(cfg, ck, world, rank):
+    """What can be checked before any data is read: the dataset, and the global batch. A run resumes
+    with the global batch it was trained with (the learning rate, the steps per epoch and the schedules
+    follow it); under another number of processes that keeps it, it continues (every draw is of the
+    global batch, so the run is the same up to roundoff)."""
+    if ck["config"]["dataset"] != cfg.dataset:
+        raise UsageError(f"{cfg.resume} was trained on {ck['config']['dataset']}, not {cfg.dataset}: pass the matching "
+                         "--dataset/--data-dir")
+    trained, w, b = ck.get("global_batch"), ck.get("world_size"), ck["config"]["batch_size"]
+    if trained is None or trained == cfg.batch_size * world:
+        if w not in (None, world) and rank == 0:
+            print(f"osessl: {cfg.resume} was trained on {w} process(es) x --batch-size {b}; continuing on {world} x "
+                  f"{cfg.batch_size}, the same global batch {trained}", flush=True)
+        return
+    hint = f", or give --batch-size {trained // world} for the same global batch" if trained % world == 0 else ""
+    raise UsageError(f"{cfg.resume} was trained with a global batch of {trained} ({w} process(es) x --batch-size {b}), "
+                     f"this run's is {cfg.batch_size * world} ({world} x {cfg.batch_size}): resume it on {w} "
+                     f"process(es) with its --batch-size{hint}")
+
+
 def load_checkpoint(cfg, train_y, num_classes, ck=None):
     """Read cfg.resume (unless already read) and refuse it if it was trained on other data."""
     ck = ck or read_checkpoint(cfg.resume)
@@ -1156,24 +1252,27 @@ def build_run(cfg, rank, world, device, train_x, train_y, ex_idx, num_classes):
                            autocast=lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda))
 
 
-def train(cfg, rank=0, world=1, device=None):
+def train(cfg, rank=0, world=1, device=None, node=(0, 1)):
+    """node: (local rank, processes on this node), so that each node decodes an ImageFolder once."""
     device = device or torch.device("cpu")
     torch.manual_seed(cfg.seed)
-    train_x, train_y, test_x, test_y, num_classes = load_data(cfg)
+    Bg, ck = cfg.batch_size * world, read_checkpoint(cfg.resume) if cfg.resume else None
+    if ck is not None:  # checked before any data is decoded or written
+        check_resume(cfg, ck, world, rank)
+    check = (lambda y, c: load_checkpoint(cfg, y, c, ck)) if ck is not None else None
+    train_x, train_y, test_x, test_y, num_classes = load_data(cfg, check, node)
     cfg = settle(cfg, train_x.shape[-1])
-    ck = load_checkpoint(cfg, train_y, num_classes) if cfg.resume else None
     no_exemplars = torch.zeros(0, dtype=torch.long)  # ReSA (lambda = mu = 0) trains on every image, as ReSA does
     ex_idx = ck["exemplars"] if ck is not None else \
         select_exemplars(cfg, train_y, num_classes) if cfg.uses_exemplars else no_exemplars
     u_idx = unlabeled_indices(cfg, len(train_x), ex_idx)
-    Bg = cfg.batch_size * world
     if Bg > len(u_idx):
         raise UsageError(f"global batch {Bg} (--batch-size {cfg.batch_size} x {world} processes) is larger than the "
                          f"{len(u_idx)} unlabeled training images: lower --batch-size")
-    if Bg > cfg.bank_size:
+    if cfg.uses_exemplars and Bg > cfg.bank_size:  # ReSA keeps no bank
         raise UsageError(f"global batch {Bg} exceeds --bank-size {cfg.bank_size}: enlarge the bank or lower "
                          "--batch-size")
-    if num_classes < 2:
+    if cfg.uses_exemplars and num_classes < 2:
         raise UsageError("the dataset has fewer than 2 classes: the discriminative score needs at least 2")
     if cfg.uses_exemplars and num_classes < world:
         raise UsageError(f"{num_classes} classes for {world} processes: each process forwards a share of the "
@@ -1217,7 +1316,7 @@ def train(cfg, rank=0, world=1, device=None):
         if rank == 0:
             epoch, ends_epoch = step // steps_per_epoch, step % steps_per_epoch == 0
             ck = dict(format=CHECKPOINT_FORMAT, config=asdict(cfg), num_classes=num_classes, step=step, epoch=epoch,
-                      exemplars=ex_idx, sums=sums, rng=torch.get_rng_state(),
+                      world_size=world, global_batch=Bg, exemplars=ex_idx, sums=sums, rng=torch.get_rng_state(),
                       **{name: part.state_dict() for name, part in state.items()})
             save_checkpoint(os.path.join(out, "last.pt"), ck)
             if cfg.keep_every and ends_epoch and epoch % cfg.keep_every == 0:
@@ -1233,13 +1332,15 @@ def train(cfg, rank=0, world=1, device=None):
               f"{len(test_x)} test) | {world} process(es) on {device.type}, global batch {Bg}, {steps_per_epoch} "
               f"steps/epoch | run dir {out}\n  images: {tuple(train_x.shape[1:])} uint8, {nbytes / 2 ** 30:.2f} GiB "
               f"on {where} (--data-on {cfg.data_on}); stem {cfg.stem}, blur {cfg.blur}", flush=True)
-    in_use = torch.cat([u_idx, ex_idx]).unique()  # k-NN memory: the training images in use
-    eval_x, eval_y = train_x[in_use.to(store)], train_y[in_use].to(device)
-    test_y, u_store = test_y.to(device), u_idx.to(store)
+    # k-NN memory: the training images in use, read in place (a copy of the split would break --data-on's budget)
+    in_use = torch.cat([u_idx, ex_idx]).unique()
+    memory = None if len(in_use) == len(train_x) else in_use.to(store)
+    train_y, test_y, u_store = train_y.to(device), test_y.to(device), u_idx.to(store)
     to_device = lambda t: (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
     last, size = min(cfg.max_steps or total, total), train_x.shape[-1]
     with Preemption(world) as stop:
         t_epoch, t_print, seen, first_bad, perm = time.time(), time.time(), 0, None, None
+        never = torch.iinfo(torch.long).max
         while step < last:
             epoch, i = divmod(step, steps_per_epoch)
             if i == 0 or perm is None:
@@ -1252,8 +1353,8 @@ def train(cfg, rank=0, world=1, device=None):
             losses = training_step(run, *run.augment(run, images, rnd), ids, rnd, lr_at(step), m_at(step))
             # first step at which each term went non-finite, kept on the device (checked once per epoch)
             finite = torch.stack([v.isfinite() for v in losses.values()])
-            first_bad = torch.full_like(finite, -1, dtype=torch.long) if first_bad is None else first_bad
-            first_bad = torch.where((first_bad < 0) & ~finite, step, first_bad)
+            first_bad = torch.full_like(finite, never, dtype=torch.long) if first_bad is None else first_bad
+            first_bad = torch.where(finite, first_bad, first_bad.clamp(max=step))
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0) + v
             step, seen = step + 1, seen + Bg
@@ -1270,7 +1371,7 @@ def train(cfg, rank=0, world=1, device=None):
                 row = dict(epoch=epoch + 1, step=step, **epoch_means(sums, steps_per_epoch, world), lr=lr_at(step - 1),
                            momentum=m_at(step - 1), seconds=round(seconds, 2), images_per_s=round(seen / seconds, 1))
                 if rank == 0 and (step == total or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
-                    row.update(evaluate(run, eval_x, eval_y, test_x, test_y))
+                    row.update(evaluate(run, train_x, train_y, test_x, test_y, memory))
                 sums = {}
                 if rank == 0:
                     log_epoch(out, row, cfg.epochs)
@@ -1312,13 +1413,25 @@ class Interrupted(Exception):
 
 
 def check_finite(first_bad, names, out):
-    bad = first_bad.tolist()
-    hits = [(s, n) for s, n in zip(bad, names) if s >= 0]
+    """Stop (exit 3) at the first non-finite loss term of any process: the steps are agreed over the
+    processes (one all-reduce), so that all stop here together instead of waiting for each other."""
+    if dist.is_initialized():
+        dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
+    hits = [(s, n) for s, n in zip(first_bad.tolist(), names) if s < torch.iinfo(torch.long).max]
     if hits:
         s = min(s for s, _ in hits)
         terms = ", ".join(n for t, n in hits if t == s)
         raise Interrupted(f"non-finite loss at step {s} ({terms}); stopped without saving, the last good checkpoint "
                           f"{os.path.join(out, 'last.pt')} is intact: lower --lr or check the data", 3)
+
+
+def agree(value):
+    """The largest of an integer over every process (one tiny all-reduce), or the integer itself in one."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t)
 
 
 class Preemption:
@@ -1336,9 +1449,7 @@ class Preemption:
         if self.world > 1:
             if step % 10:
                 return False
-            flag = torch.tensor([self.signum], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            self.signum = int(flag)
+            self.signum = agree(self.signum)
         return self.signum != 0
 
     def __enter__(self):
@@ -1369,23 +1480,31 @@ def main(argv=None):
             if use_cuda:
                 raise UsageError("--float64 is for CPU checks: add --device cpu")
             torch.set_default_dtype(torch.float64)
-        rank, world = 0, 1
+        rank, world, node = 0, 1, (0, 1)
         if ddp:
             rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-            local_rank = int(os.environ.get("LOCAL_RANK", 0))
+            node = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
             if use_cuda:
-                torch.cuda.set_device(local_rank)
+                torch.cuda.set_device(node[0])
             dist.init_process_group("nccl" if use_cuda else "gloo")
         device = torch.device(f"cuda:{torch.cuda.current_device()}" if use_cuda else "cpu")
         if use_cuda:
             cuda_settings()
-        train(cfg, rank, world, device)
+        train(cfg, rank, world, device, node)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except Interrupted as e:
         print(f"osessl: {e}", file=sys.stderr)
+        if dist.is_initialized():  # every process stops here (agreed): leave together, none mid-teardown
+            dist.barrier()
         sys.exit(e.code)
+    except RuntimeError as e:  # torch.OutOfMemoryError, or the CPU allocator's refusal of an impossible size
+        if "out of memory" not in str(e) and "can't allocate memory" not in str(e):
+            raise
+        print(f"error: out of memory ({str(e).splitlines()[0][:120]}): lower --batch-size, --width, --proj-hidden, "
+              "--bank-size or the data's size", file=sys.stderr)
+        sys.exit(2)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
