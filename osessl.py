@@ -47,6 +47,16 @@ import torch.nn.functional as F
 
 CHECKPOINT_FORMAT = 1
 
+# The method (sections 1-5): pure functions of tensors, copyable one by one; osessl_loss is all of L.
+#   B    images per step on this process; B_g = B x processes, the global batch (one process: B_g = B)
+#   C    classes, one labeled exemplar each; K memory-bank entries; k neighbours per exemplar
+#   d    embedding size; e backbone feature size (512 for ResNet-18 at width 64)
+#   h    backbone features f(x), (., e): what ReSA's Sinkhorn compares (they cluster better than z)
+#   z    embeddings norm(g(f(x))), (., d), unit length: what every loss compares
+#   _m   the momentum network's (the paper's prime): z_weak_m is z'_1; no gradient ever reaches it
+#   weak, strong, mix: the paper's views 1 and 2 and the mixup image; z_ex: the exemplars' z (z_l)
+#   c    prototypes (C, d); p, p_m: student and teacher soft assignments to them
+
 
 # ============ 1. ReSA, the base learner: Sinkhorn targets and L_resa ============
 def soft_cross_entropy(target, logits):
@@ -55,39 +65,35 @@ def soft_cross_entropy(target, logits):
     return -(target * F.log_softmax(logits, dim=-1)).sum(-1).mean()
 
 
-def sinkhorn(scores, eps=0.05, iters=3):
-    """ReSA's target: Sinkhorn-Knopp on exp(scores / eps). scores (B, B_g): cosine similarities of
-    this process's backbone features h_1 (detached) to the momentum features h'_1 of the global batch.
-    Alternately normalises columns (sums all-reduced over processes) and rows; returns A (B, B_g),
-    rows summing to 1, columns approaching equal mass (exactly only after many iterations; ReSA uses 3)."""
-    top = scores.max()
-    if dist.is_initialized():
-        dist.all_reduce(top, op=dist.ReduceOp.MAX)
-    q = torch.exp((scores - top) / eps)  # a global shift cancels in the first normalisation
+def sinkhorn(scores, eps=0.05, iters=3, all_reduce=None):
+    """ReSA's target A: Sinkhorn-Knopp on exp(scores / eps). scores (B, B_g): cosine similarities of
+    this process's h_weak (detached) to h_weak_m of the global batch. Alternately normalises columns and
+    rows: A's rows sum to 1, its columns approach equal mass (exactly only after many iterations; ReSA
+    uses 3). all_reduce(t): sums t over the processes in place, when the B_g columns' rows are spread
+    over several (torch.distributed.all_reduce); None: this process holds them all."""
+    q = torch.exp((scores - 1) / eps)  # cosines are at most 1: no overflow, and the shift cancels below
     for _ in range(iters):
         col = q.sum(0, keepdim=True)
-        if dist.is_initialized():
-            dist.all_reduce(col)
+        if all_reduce is not None:
+            all_reduce(col)
         q = q / col
         q = q / q.sum(1, keepdim=True)
     return q
 
 
-def resa_loss(z1, z2, k1, k2, assignment, temperature=0.4):
-    """L_resa: each view's embedding predicts, over the other view's momentum embeddings of the
-    global batch, the Sinkhorn target A: (CE(A, z_1 z'_2^T / T) + CE(A, z_2 z'_1^T / T)) / 2.
-    z1, z2: (B, d) online embeddings, L2-normalised; k1, k2: (B_g, d) momentum embeddings,
-    L2-normalised, no gradient; assignment: (B, B_g)."""
-    return (soft_cross_entropy(assignment, z1 @ k2.T / temperature)
-            + soft_cross_entropy(assignment, z2 @ k1.T / temperature)) / 2
+def resa_loss(z_weak, z_strong, z_weak_m, z_strong_m, A, temperature=0.4):
+    """L_resa: each view's embedding predicts, over the other view's momentum embeddings of the global
+    batch, the Sinkhorn target A: (CE(A, z_weak z_strong_m^T / T) + CE(A, z_strong z_weak_m^T / T)) / 2.
+    z_weak, z_strong: (B, d); z_weak_m, z_strong_m: (B_g, d), no gradient; A: (B, B_g)."""
+    return (soft_cross_entropy(A, z_weak @ z_strong_m.T / temperature)
+            + soft_cross_entropy(A, z_strong @ z_weak_m.T / temperature)) / 2
 
 
 # ============ 2. Exemplar-guided prototype construction: memory bank, discriminative score ============
 class MemoryBank(nn.Module):
-    """M: a FIFO queue of the last K momentum embeddings z'_1 of unlabeled weak views, feats (K, d).
-    `ids` records which training image each slot holds (read by the neighbour-precision diagnostic
-    only). Pointer and fill count are device tensors, so enqueueing never waits for the host; being
-    buffers, they save and load (strictly) with the module's state_dict."""
+    """M: a FIFO queue of the last K momentum embeddings z_weak_m of unlabeled images, feats (K, d).
+    `ids` records which training image each slot holds (for the neighbour-precision diagnostic only).
+    Pointer and fill count are buffers, saved and loaded with the state_dict."""
 
     def __init__(self, size, dim, device=None):
         super().__init__()
@@ -97,11 +103,12 @@ class MemoryBank(nn.Module):
         self.register_buffer("filled", torch.zeros((), dtype=torch.long, device=device))
 
     @torch.no_grad()
-    def enqueue(self, feats, ids):
+    def enqueue(self, feats, ids=None):
         K = len(self.feats)
         slots = (self.ptr + torch.arange(len(feats), device=feats.device)) % K
         self.feats[slots] = feats
-        self.ids[slots] = ids
+        if ids is not None:
+            self.ids[slots] = ids
         self.ptr.copy_((self.ptr + len(feats)) % K)
         self.filled.copy_((self.filled + len(feats)).clamp(max=K))
 
@@ -125,22 +132,21 @@ def discriminative_scores(feats, exemplars, alpha=0.75):
     return alpha * sim - (1 - alpha) * other
 
 
-def build_prototypes(exemplars, feats, valid, k=8, alpha=0.75, tau_w=1.0, select_by=None):
+def build_prototypes(z_ex, feats, valid, k=8, alpha=0.75, tau_w=1.0, select_by=None):
     """The prototype of class c: c^c = norm(sum_j pi^(c,j) q^(c,j)) over P^c = {z_l^c} U S_c, S_c the
     top-k bank entries by s(c, .), with soft weights pi^(c,.) = softmax_j(<z_l^c, q^(c,j)> / tau_w).
-    exemplars: (C, d) online exemplar embeddings z_l, L2-normalised, with gradient (it reaches the
-    network through the weights and as a member); feats: (K, d) bank entries, L2-normalised, no
-    gradient; valid: (K,) bool, the filled slots (the others get weight 0); select_by: (C, d) other
-    exemplar embeddings that score the bank instead (--exemplar-select momentum), for the choice only.
-    The top-k choice is discrete and passes no gradient. Returns prototypes (C, d), neighbour indices
-    (C, k) and weights (C, k + 1), column 0 the exemplar's."""
+    z_ex: (C, d) online exemplar embeddings z_l, with gradient (it reaches the network through the
+    weights and as a member); feats: (K, d) bank entries, no gradient; valid: (K,) bool, the filled
+    slots (the others get weight 0); select_by: (C, d) other exemplar embeddings that score the bank
+    instead (--exemplar-select momentum), for the choice only. The top-k choice is discrete and passes
+    no gradient. Returns prototypes (C, d), neighbour indices (C, k), weights (C, k + 1) (column 0: z_l)."""
     if k > len(feats):
         raise ValueError(f"k = {k} neighbours per exemplar is more than the memory bank's {len(feats)} entries")
-    key = exemplars if select_by is None else select_by
+    key = z_ex if select_by is None else select_by
     scores = discriminative_scores(feats, key.detach(), alpha).masked_fill(~valid[None], float("-inf"))
     top, idx = scores.topk(k, dim=1)                           # a discrete choice: no gradient
-    members = torch.cat([exemplars[:, None], feats[idx]], 1)   # (C, k + 1, d)
-    logits = (exemplars[:, None] * members).sum(-1) / tau_w
+    members = torch.cat([z_ex[:, None], feats[idx]], 1)        # (C, k + 1, d)
+    logits = (z_ex[:, None] * members).sum(-1) / tau_w
     logits = torch.cat([logits[:, :1], logits[:, 1:].masked_fill(top == float("-inf"), float("-inf"))], 1)
     weights = logits.softmax(1)
     return F.normalize((weights[..., None] * members).sum(1), dim=-1), idx, weights
@@ -158,19 +164,19 @@ def neighbour_precision(nbr, bank, labels):
 # ============ 3. Exemplar-guided prototype learning: L_proto = L_align + L_disp ============
 def assign(z, prototypes, tau):
     """Soft assignment to the prototypes, p = softmax(z c^T / tau): (N, d) x (C, d) -> (N, C). The
-    student uses tau_s = 0.1; the teacher p' uses momentum embeddings, detached prototypes and the
+    student uses tau_s = 0.1; the teacher p_m uses momentum embeddings, detached prototypes and the
     sharper tau_t = 0.04."""
     return (z @ prototypes.T / tau).softmax(-1)
 
 
-def align_loss(z1, z2, prototypes, target1, target2, tau_s=0.1):
+def align_loss(z_weak, z_strong, prototypes, p_weak_m, p_strong_m, tau_s=0.1):
     """L_align, dual-view alignment: each view predicts the other view's teacher assignment,
-    (CE(p'_2, z_1 c^T / tau_s) + CE(p'_1, z_2 c^T / tau_s)) / 2. z1, z2: (B, d) online embeddings,
-    L2-normalised; prototypes: (C, d); target1, target2: (B, C) teacher assignments p'_1, p'_2 (no
-    gradient). Its gradient on z is (E_p[c] - E_p'[c]) / tau_s: z moves towards the prototype
-    centroid of its target."""
-    return (soft_cross_entropy(target2, z1 @ prototypes.T / tau_s)
-            + soft_cross_entropy(target1, z2 @ prototypes.T / tau_s)) / 2
+    (CE(p_strong_m, z_weak c^T / tau_s) + CE(p_weak_m, z_strong c^T / tau_s)) / 2. z_weak, z_strong: (B, d);
+    prototypes: (C, d); p_weak_m, p_strong_m: (B, C), no gradient. Its gradient on one z_weak,i is
+    (E_p[c] - E_p_strong_m[c]) / (2 B tau_s): z moves towards the prototype centroid of its target; through
+    the prototypes it also reaches the exemplars (build_prototypes)."""
+    return (soft_cross_entropy(p_strong_m, z_weak @ prototypes.T / tau_s)
+            + soft_cross_entropy(p_weak_m, z_strong @ prototypes.T / tau_s)) / 2
 
 
 def dispersion_loss(prototypes, tau_s=0.1, mode="mean"):
@@ -180,137 +186,119 @@ def dispersion_loss(prototypes, tau_s=0.1, mode="mean"):
     C = prototypes.shape[0]
     sim = prototypes @ prototypes.T / tau_s
     off = ~torch.eye(C, dtype=torch.bool, device=sim.device)
-    if mode == "mean":  # (a boolean-mask index would wait for the device to count the mask)
+    if mode == "mean":
         return sim.masked_fill(~off, 0).sum() / (C * (C - 1))
     return (torch.logsumexp(sim.masked_fill(~off, float("-inf")), dim=1) - math.log(C - 1)).mean()
 
 
 # ============ 4. Exemplar-guided interpolation consistency: L_mix = L_mix_proto + L_mix_ins ============
-# A mixed image x_m,i = beta_i x1_i + (1 - beta_i) x2_r(i) (weak view of i, strong view of its partner
-# r(i), beta_i ~ Beta(zeta, zeta)) must predict the same mixture of its two sources' targets.
+# A mixed image x_mix,i = beta_i x_weak,i + (1 - beta_i) x_strong,r(i) (weak view of i, strong view of its
+# partner r(i), beta_i ~ Beta(zeta, zeta)) must predict the same mixture of its two sources' targets.
 def interpolation_targets(beta, first, second):
     """beta_i first_i + (1 - beta_i) second_i for beta (B,) and distributions first, second (B, N)."""
     return beta[:, None] * first + (1 - beta[:, None]) * second
 
 
 def instance_mix_target(beta, own, partner, n_global):
-    """Target over the 2 B_g momentum embeddings [z'_1 ; z'_2]: beta_i on column own_i (weak view of
-    i), 1 - beta_i on column B_g + partner_i (strong view of the partner); indices are global."""
+    """Target over the 2 B_g momentum embeddings [z_weak_m ; z_strong_m]: beta_i on column own_i (weak
+    view of i), 1 - beta_i on column B_g + partner_i (strong view of the partner); indices are global."""
     target = torch.zeros(len(beta), 2 * n_global, dtype=beta.dtype, device=beta.device)
-    target.scatter_(1, own[:, None], beta[:, None])  # (B, 2 B_g) without a (2 B_g)^2 identity
+    target.scatter_(1, own[:, None], beta[:, None])
     return target.scatter_add_(1, n_global + partner[:, None], 1 - beta[:, None])
 
 
 def mix_proto_loss(z_mix, prototypes, target, tau_s=0.1):
-    """L_mix_proto = CE(p_m, z_m c^T / tau_s): z_mix (B, d) online embeddings of the mixed images,
-    L2-normalised; target p_m (B, C), the interpolated teacher assignments. The step passes detached
-    prototypes (our choice): mixed points move, prototypes are not dragged towards class boundaries."""
+    """L_mix_proto = CE(p_mix, z_mix c^T / tau_s): z_mix (B, d) online embeddings of the mixed images;
+    target p_mix (B, C), the interpolated teacher assignments. Pass detached prototypes (our choice):
+    mixed points move, prototypes are not dragged towards class boundaries."""
     return soft_cross_entropy(target, z_mix @ prototypes.T / tau_s)
 
 
 def mix_instance_loss(z_mix, keys, target, temperature=0.4):
-    """L_mix_ins = CE(target, z_m [z'_1 ; z'_2]^T / T): keys (2 B_g, d) momentum embeddings, no
-    gradient; target (B, 2 B_g) from instance_mix_target."""
+    """L_mix_ins = CE(target, z_mix [z_weak_m ; z_strong_m]^T / T): keys (2 B_g, d) momentum embeddings,
+    no gradient; target (B, 2 B_g) from instance_mix_target."""
     return soft_cross_entropy(target, z_mix @ keys.T / temperature)
 
 
 # ============ 5. The objective L = L_resa + lambda L_proto + mu L_mix, and the training step ============
-def gather(x):
-    """Concatenate x from every process along dim 0 (no gradient)."""
-    if not dist.is_initialized():
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
+def osessl_loss(z_weak, z_strong, h_weak, z_weak_m, z_strong_m, h_weak_m, z_ex=None, bank=None, bank_valid=None,
+                select_by=None, z_mix=None, beta=None, partner=None, first_row=0, lambda_proto=1.0, mu_mix=1.0, k=8,
+                alpha=0.75, tau_w=1.0, tau_s=0.1, tau_t=0.04, resa_temp=0.4, sinkhorn_eps=0.05, sinkhorn_iters=3,
+                dispersion="mean", all_reduce=None):
+    """L = L_resa + lambda (L_align + L_disp) + mu (L_mix_proto + L_mix_ins), from embeddings alone.
+    Online network, this process's B images, with gradient: z_weak, z_strong (B, d), h_weak (B, e).
+    Momentum network, the global batch (this process's rows from first_row): z_weak_m, z_strong_m (B_g, d),
+    h_weak_m (B_g, e). Without z_ex, L is ReSA's. z_ex (C, d): the exemplars' online embeddings (row c:
+    class c), with gradient; select_by (C, d): others that choose their neighbours (default z_ex); bank
+    (K, d), bank_valid (K,): the memory bank's entries and filled slots. z_mix (B, d): online embeddings of
+    x_mix,i = beta_i x_weak,i + (1 - beta_i) x_strong,partner_i (beta, partner: (B,); partner indexes
+    the global batch). all_reduce: see sinkhorn. Returns L, its terms (detached; with the entropies of the
+    teacher assignments, a diagnostic) and the chosen neighbours (C, k) (None without exemplars)."""
+    B, z_weak_m, z_strong_m = len(z_weak), z_weak_m.detach(), z_strong_m.detach()  # the momentum side: sg
+    with torch.no_grad():  # ReSA's target, from the online and momentum backbone features
+        A = sinkhorn(F.normalize(h_weak, dim=-1) @ F.normalize(h_weak_m, dim=-1).T, sinkhorn_eps, sinkhorn_iters,
+                     all_reduce)
+    terms = {"resa": resa_loss(z_weak, z_strong, z_weak_m, z_strong_m, A, resa_temp)}
+    loss, nbr, mine = terms["resa"], None, slice(first_row, first_row + B)
+    if z_ex is not None:
+        c, nbr, _ = build_prototypes(z_ex, bank, bank_valid, k, alpha, tau_w, select_by)
+        with torch.no_grad():  # teacher assignments of the global batch against sg(c)
+            p_weak_m, p_strong_m = assign(z_weak_m, c, tau_t), assign(z_strong_m, c, tau_t)
+            entropy = lambda p: -(p * p.clamp_min(1e-12).log()).sum(-1)  # nats; log C = uniform
+            terms["assign_entropy"] = entropy(p_weak_m).mean()  # how sharp each image's target is
+            terms["usage_entropy"] = entropy(p_weak_m.mean(0))  # how evenly the batch spreads over the C
+        terms["align"] = align_loss(z_weak, z_strong, c, p_weak_m[mine], p_strong_m[mine], tau_s)
+        terms["disp"] = dispersion_loss(c, tau_s, dispersion)
+        loss = loss + lambda_proto * (terms["align"] + terms["disp"])
+        if z_mix is not None:
+            target = interpolation_targets(beta, p_weak_m[mine], p_strong_m[partner])
+            terms["mix_proto"] = mix_proto_loss(z_mix, c.detach(), target, tau_s)
+            own = torch.arange(first_row, first_row + B, device=beta.device)
+            target = instance_mix_target(beta, own, partner, len(z_weak_m))
+            terms["mix_ins"] = mix_instance_loss(z_mix, torch.cat([z_weak_m, z_strong_m]), target, resa_temp)
+            loss = loss + mu_mix * (terms["mix_proto"] + terms["mix_ins"])
+    terms["loss"] = loss
+    return loss, {name: t.detach() for name, t in terms.items()}, nbr
 
 
-def augment_views(run, images, rnd):
-    """Weak and strong views of this process's uint8 images (B, 3, H, W): its rows of the step's draws."""
-    rows = slice(run.rank * images.shape[0], (run.rank + 1) * images.shape[0])
-    local = lambda p: {k: v[rows] for k, v in p.items()}
-    return (run.to_net(augment(images, local(rnd.weak), run.mean, run.std, strong=False)),
-            run.to_net(augment(images, local(rnd.strong), run.mean, run.std, strong=True)))
-
-
-def forward_views(net, views, xe, joint):
-    """h of the weak view views[0], z of every view, and z of the exemplar views xe (None: none are
-    forwarded). --exemplar-bn: the exemplars as a BatchNorm batch of their own (alone) or in one batch
-    with the weak view (joint; the weak view's rows are then the first B)."""
-    if xe is None:
-        return (*net(*views), None)
-    if not joint:
-        h, z = net(*views, xe)
-        return h, z[:-1], z[-1]
-    B = views[0].shape[0]
-    h, z = net(torch.cat([views[0], xe]), *views[1:])
-    return h[:B], [z[0][:B], *z[1:]], z[0][B:]
-
-
-def all_exemplars(run, z):
-    """Each process forwards the exemplars rank, rank + W, ... (so that synchronised BatchNorm sees
-    every exemplar once, whatever W); this puts the C rows together on every process, with gradient."""
-    if run.world == 1:
-        return z
-    full = z.new_zeros(run.num_classes, z.shape[1]).slice_scatter(z, 0, run.rank, None, run.world)
-    return differentiable_sum(full)
-
-
-def objective(run, x1, x2, ids, rnd):
-    """L for this process's weak and strong views (B, 3, H, W); ids: global sample ids (B_g,).
-    Reads the memory bank and changes no state but BatchNorm's running statistics, so that
-    --compile can make it one graph (both networks, Sinkhorn, prototypes, every loss term; tested).
-    Returns L, its terms (detached) and the momentum weak-view embeddings of the global batch, the
-    bank's next entries."""
-    cfg, B, Bg = run.cfg, x1.shape[0], ids.shape[0]
-    rows = slice(run.rank * B, (run.rank + 1) * B)
-    views, xe = [x1, x2], None
+def objective(run, x_weak, x_strong, ids, rnd):
+    """L for this process's weak and strong views (B, 3, H, W), wired as the paper does: the mixed image
+    is the weak view of i and the strong view of its partner anywhere in the global batch; both networks
+    forward every view separately (the exemplars alone or with the weak views: --exemplar-bn), the
+    momentum outputs are gathered over the processes, and osessl_loss computes L. ids: the global
+    batch's sample ids. Returns L, its terms and z_weak_m of the global batch (the bank's next entries)."""
+    cfg, B = run.cfg, len(x_weak)
+    rows, views, x_ex, mix = slice(run.rank * B, (run.rank + 1) * B), [x_weak, x_strong], None, {}
     if cfg.mu_mix > 0:
-        beta, partner = rnd.beta[rows], rnd.partner[rows]
-        b = beta.view(-1, 1, 1, 1)
-        views.append(b * x1 + (1 - b) * gather(x2)[partner])
+        mix = dict(beta=rnd.beta[rows], partner=rnd.partner[rows])
+        b = mix["beta"].view(-1, 1, 1, 1)
+        views.append(b * x_weak + (1 - b) * gather(x_strong)[mix["partner"]])
     if cfg.uses_exemplars:  # one weak view of each of this process's exemplars
         mine = slice(run.rank, None, run.world)
-        xe = run.to_net(augment(run.exemplar_images[mine], {k: v[mine] for k, v in rnd.exemplar.items()},
-                                run.mean, run.std, strong=False))
+        x_ex = run.to_net(augment(run.exemplar_images[mine], {k: v[mine] for k, v in rnd.exemplar.items()},
+                                  run.mean, run.std, strong=False))
     joint, by_momentum = cfg.exemplar_bn == "joint", cfg.exemplar_select == "momentum"
-
     with torch.no_grad(), run.autocast():
-        h1m, (z1m, z2m), em = forward_views(run.momentum_net, [x1, x2], xe if by_momentum else None, joint)
-    h1m, z1m, z2m = gather(h1m), gather(z1m), gather(z2m)      # (B_g, .) global momentum outputs
+        h_weak_m, (z_weak_m, z_strong_m), z_ex_m = forward_views(run.momentum_net, [x_weak, x_strong],
+                                                                 x_ex if by_momentum else None, joint)
+    h_weak_m, z_weak_m, z_strong_m = gather(h_weak_m), gather(z_weak_m), gather(z_strong_m)
     with run.autocast():
-        h1, z, e = forward_views(run.online, views, xe, joint)
-    with torch.no_grad():
-        A = sinkhorn(F.normalize(h1, dim=-1) @ F.normalize(h1m, dim=-1).T, cfg.sinkhorn_eps, cfg.sinkhorn_iters)
-    losses = {"resa": resa_loss(z[0], z[1], z1m, z2m, A, cfg.resa_temp)}
-    loss = losses["resa"]
-    if cfg.uses_exemplars:
-        valid = run.bank.valid()
-        protos, nbr, _ = build_prototypes(all_exemplars(run, e), run.bank.feats, valid, cfg.k, cfg.alpha, cfg.tau_w,
-                                          select_by=all_exemplars(run, em) if by_momentum else None)
-        with torch.no_grad():  # teacher assignments p'_v of the global batch against sg(c)
-            t1, t2 = assign(z1m, protos, cfg.tau_t), assign(z2m, protos, cfg.tau_t)
-            losses["nbr_precision"] = neighbour_precision(nbr, run.bank, run.labels)
-            entropy = lambda p: -(p * p.clamp_min(1e-12).log()).sum(-1)  # nats; log C = uniform
-            losses["assign_entropy"] = entropy(t1).mean()  # how sharp each image's p'_1 is
-            losses["usage_entropy"] = entropy(t1.mean(0))  # how evenly the batch spreads over the C prototypes
-        losses["align"] = align_loss(z[0], z[1], protos, t1[rows], t2[rows], cfg.tau_s)
-        losses["disp"] = dispersion_loss(protos, cfg.tau_s, cfg.dispersion)
-        loss = loss + cfg.lambda_proto * (losses["align"] + losses["disp"])
-        if cfg.mu_mix > 0:
-            own = torch.arange(B, device=beta.device) + run.rank * B
-            target = interpolation_targets(beta, t1[rows], t2[partner])
-            losses["mix_proto"] = mix_proto_loss(z[2], protos.detach(), target, cfg.tau_s)
-            target = instance_mix_target(beta, own, partner, Bg)
-            losses["mix_ins"] = mix_instance_loss(z[2], torch.cat([z1m, z2m]), target, cfg.resa_temp)
-            loss = loss + cfg.mu_mix * (losses["mix_proto"] + losses["mix_ins"])
-    losses["loss"] = loss
-    return loss, {k: v.detach() for k, v in losses.items()}, z1m
+        h_weak, (z_weak, z_strong, *z_mix), z_ex = forward_views(run.online, views, x_ex, joint)
+    exemplars = {} if x_ex is None else dict(
+        z_ex=all_exemplars(run, z_ex), bank=run.bank.feats, bank_valid=run.bank.valid(),
+        select_by=all_exemplars(run, z_ex_m) if by_momentum else None)
+    loss, terms, nbr = osessl_loss(z_weak, z_strong, h_weak, z_weak_m, z_strong_m, h_weak_m, **exemplars,
+                                   z_mix=z_mix[0] if z_mix else None, **mix, first_row=run.rank * B,
+                                   **run.loss_settings, all_reduce=run.all_reduce)
+    if nbr is not None:
+        terms["nbr_precision"] = neighbour_precision(nbr, run.bank, run.labels)
+    return loss, terms, z_weak_m
 
 
-def training_step(run, x1, x2, ids, rnd, lr, m):
+def training_step(run, x_weak, x_strong, ids, rnd, lr, m):
     """One optimiser step: L, backward, SGD, EMA of the momentum network, enqueue into the bank.
-    Returns the loss terms as device tensors: nothing here waits for the device (tested)."""
-    loss, losses, z1m = run.objective(run, x1, x2, ids, rnd)
+    Returns the loss terms as device tensors."""
+    loss, terms, z_weak_m = run.objective(run, x_weak, x_strong, ids, rnd)
     for group in run.opt.param_groups:
         group["lr"] = lr
     run.opt.zero_grad(set_to_none=True)
@@ -318,8 +306,14 @@ def training_step(run, x1, x2, ids, rnd, lr, m):
     run.opt.step()
     ema_update(run.momentum_net, run.net, m)
     if run.cfg.uses_exemplars:
-        run.bank.enqueue(z1m, ids)
-    return losses
+        run.bank.enqueue(z_weak_m, ids)
+    return terms
+
+
+# Engineering notes, kept out of the method's docstrings. Nothing in sections 1-5 reads a value back to
+# the host (MemoryBank's pointer and fill count live on the device; dispersion_loss masks rather than
+# indexing with a boolean mask), so a step never waits for the GPU; --compile makes objective one graph
+# (both networks, Sinkhorn, prototypes, every term). Tests check both, and that 2 processes compute 1's L.
 
 
 # ============ 6. Networks: ResNet-18 (CIFAR stem), projector, momentum copies ============
@@ -1218,6 +1212,47 @@ def load_checkpoint(cfg, train_y, num_classes, ck=None):
     return ck
 
 
+# The engine's side of the step: views, forwarding, gathering (objective calls them)
+def gather(x):
+    """Concatenate x from every process along dim 0 (no gradient)."""
+    if not dist.is_initialized():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def augment_views(run, images, rnd):
+    """Weak and strong views of this process's uint8 images (B, 3, H, W): its rows of the step's draws."""
+    rows = slice(run.rank * images.shape[0], (run.rank + 1) * images.shape[0])
+    local = lambda p: {k: v[rows] for k, v in p.items()}
+    return (run.to_net(augment(images, local(rnd.weak), run.mean, run.std, strong=False)),
+            run.to_net(augment(images, local(rnd.strong), run.mean, run.std, strong=True)))
+
+
+def forward_views(net, views, xe, joint):
+    """h of the weak view views[0], z of every view, and z of the exemplar views xe (None: none are
+    forwarded). --exemplar-bn: the exemplars as a BatchNorm batch of their own (alone) or in one batch
+    with the weak view (joint; the weak view's rows are then the first B)."""
+    if xe is None:
+        return (*net(*views), None)
+    if not joint:
+        h, z = net(*views, xe)
+        return h, z[:-1], z[-1]
+    B = views[0].shape[0]
+    h, z = net(torch.cat([views[0], xe]), *views[1:])
+    return h[:B], [z[0][:B], *z[1:]], z[0][B:]
+
+
+def all_exemplars(run, z):
+    """Each process forwards the exemplars rank, rank + W, ... (so that synchronised BatchNorm sees
+    every exemplar once, whatever W); this puts the C rows together on every process, with gradient."""
+    if run.world == 1:
+        return z
+    full = z.new_zeros(run.num_classes, z.shape[1]).slice_scatter(z, 0, run.rank, None, run.world)
+    return differentiable_sum(full)
+
+
 def memory_format(cfg, device):
     """--memory-format: channels_last on CUDA; on the CPU only when asked (see its help)."""
     last = cfg.memory_format == "channels_last" or cfg.memory_format == "auto" and device.type == "cuda"
@@ -1243,7 +1278,10 @@ def build_run(cfg, rank, world, device, train_x, train_y, ex_idx, num_classes):
     peak_lr = cfg.lr * cfg.batch_size * world / 256  # linear scaling with the global batch
     opt = torch.optim.SGD(net.parameters(), lr=peak_lr, momentum=0.9, weight_decay=cfg.weight_decay,
                           **({"fused": True} if cuda else {}))
+    loss_settings = {n: getattr(cfg, n) for n in ("lambda_proto", "mu_mix", "k", "alpha", "tau_w", "tau_s", "tau_t",
+                                                  "resa_temp", "sinkhorn_eps", "sinkhorn_iters", "dispersion")}
     return SimpleNamespace(cfg=cfg, rank=rank, world=world, net=net, online=online, momentum_net=momentum,
+                           loss_settings=loss_settings, all_reduce=dist.all_reduce if world > 1 else None,
                            objective=compiled(objective), augment=compiled(augment_views),
                            opt=opt, peak_lr=peak_lr, bank=MemoryBank(cfg.bank_size, cfg.proj_dim, device), mean=mean,
                            std=std, num_classes=num_classes, labels=train_y.to(device),

@@ -641,9 +641,10 @@ def test_exemplar_select_momentum_in_the_step(monkeypatch):
     ids = torch.arange(40, 72)
     rnd, x1, x2, xm, xe = step_inputs(run, tx, C, ids, step=3)
     momentum, online = copy.deepcopy(run.momentum_net), copy.deepcopy(run.net)
-    calls = record(monkeypatch, "build_prototypes")
+    calls = record(monkeypatch, "osessl_loss")
     O.objective(run, x1, x2, ids, rnd)
-    (ex, bank, valid, *_), kw, (_, nbr, _) = calls[0]
+    _, kw, (_, _, nbr) = calls[0]
+    ex, bank, valid = kw["z_ex"], kw["bank"], kw["bank_valid"]
     with torch.no_grad():
         zm = momentum(x1, x2, xe)[1][2]
         zl = online(x1, x2, xm, xe)[1][3]
@@ -1477,3 +1478,112 @@ def test_unreadable_images_are_reported_all_at_once(tmp_path):
     assert message.startswith(f"4 unreadable image(s) in {tmp_path / 'train'}: ") and "\n" not in message
     assert all(os.path.join("a", n) in message for n in ("1.png", "3.png")) and ", ..." in message
     assert not (tmp_path / ".osessl-cache-train.pt").exists()
+
+
+# ---------------- osessl_loss: the whole objective as a function of tensors ----------------
+def loss_inputs(B=6, Bg=12, C=4, K=16, d=5, e=7, first_row=6):
+    """Random float64 inputs of osessl_loss for process 1 of 2 (its rows 6..11 of a global batch of 12)."""
+    g = torch.Generator().manual_seed(3)
+    n = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+    u = lambda *s: F.normalize(n(*s), dim=-1)
+    z_weak_m, z_strong_m, h_weak_m = u(Bg, d), u(Bg, d), n(Bg, e)
+    mine = slice(first_row, first_row + B)  # the online views of this process's images: near their momentum twins
+    return dict(z_weak=F.normalize(z_weak_m[mine] + 0.3 * n(B, d), dim=-1).requires_grad_(),
+                z_strong=F.normalize(z_strong_m[mine] + 0.3 * n(B, d), dim=-1).requires_grad_(),
+                h_weak=(h_weak_m[mine] + 0.3 * n(B, e)).requires_grad_(), z_weak_m=z_weak_m, z_strong_m=z_strong_m,
+                h_weak_m=h_weak_m, z_ex=u(C, d).requires_grad_(), bank=u(K, d), bank_valid=torch.arange(K) < 12,
+                z_mix=u(B, d).requires_grad_(), beta=torch.rand(B, generator=g, dtype=torch.float64),
+                partner=torch.randperm(Bg, generator=g)[:B], first_row=first_row)
+
+
+def test_osessl_loss_is_the_papers_sum_of_its_terms():
+    """METHOD.md sections 3-7 wired by hand from the term functions: A from the detached backbone
+    features, p'_v against sg(c) at tau_t, this process's rows of the global targets, the weak view of i
+    mixed with the strong view of its partner: osessl_loss gives L = L_resa + lambda (L_align + L_disp)
+    + mu (L_mix_proto + L_mix_ins), its terms, and no gradient to the momentum side."""
+    x, lam, mu, rows = loss_inputs(), 0.7, 0.3, slice(6, 12)
+    A = O.sinkhorn(F.normalize(x["h_weak"].detach(), dim=-1) @ F.normalize(x["h_weak_m"], dim=-1).T, 0.05, 3)
+    c, nbr, _ = O.build_prototypes(x["z_ex"], x["bank"], x["bank_valid"], 3, 0.6, 0.5)
+    p1, p2 = O.assign(x["z_weak_m"], c.detach(), 0.04), O.assign(x["z_strong_m"], c.detach(), 0.04)
+    terms = dict(resa=O.resa_loss(x["z_weak"], x["z_strong"], x["z_weak_m"], x["z_strong_m"], A, 0.4),
+                 align=O.align_loss(x["z_weak"], x["z_strong"], c, p1[rows], p2[rows], 0.1),
+                 disp=O.dispersion_loss(c, 0.1, "logsumexp"),
+                 mix_proto=O.mix_proto_loss(x["z_mix"], c.detach(), O.interpolation_targets(x["beta"], p1[rows],
+                                                                                          p2[x["partner"]]), 0.1),
+                 mix_ins=O.mix_instance_loss(x["z_mix"], torch.cat([x["z_weak_m"], x["z_strong_m"]]),
+                                             O.instance_mix_target(x["beta"], torch.arange(6, 12), x["partner"], 12)))
+    by_hand = terms["resa"] + lam * (terms["align"] + terms["disp"]) + mu * (terms["mix_proto"] + terms["mix_ins"])
+    loss, got, got_nbr = O.osessl_loss(**x, lambda_proto=lam, mu_mix=mu, k=3, alpha=0.6, tau_w=0.5,
+                                       dispersion="logsumexp")
+    assert torch.allclose(loss, by_hand, rtol=1e-12) and torch.equal(got_nbr, nbr)
+    for name, value in terms.items():
+        assert torch.allclose(got[name], value, rtol=1e-12), name
+    assert not got["loss"].requires_grad
+    momentum = {name: x[name].clone().requires_grad_() for name in ("z_weak_m", "z_strong_m", "h_weak_m")}
+    O.osessl_loss(**{**x, **momentum}, lambda_proto=lam, mu_mix=mu, k=3)[0].backward()
+    assert all(t.grad is None for t in momentum.values())  # sg: the momentum network learns only by EMA
+    assert x["h_weak"].grad is None  # h_weak only makes ReSA's target
+    assert all(x[name].grad.abs().sum() > 0 for name in ("z_weak", "z_strong", "z_ex", "z_mix"))
+    resa_only, resa_terms, none = O.osessl_loss(**{n: x[n] for n in list(x)[:6]}, first_row=6)
+    assert none is None and set(resa_terms) == {"resa", "loss"} and torch.allclose(resa_only, terms["resa"])
+
+
+def test_the_step_is_osessl_loss_of_its_own_forwards(monkeypatch):
+    """What the training step computes is osessl_loss of the embeddings forwarded here by hand, wired as
+    the paper says (defaults: the exemplars in one BatchNorm batch with the weak views, chosen by the
+    momentum network's embeddings; the mixed image is weak view of i, strong view of its partner)."""
+    import copy
+    run, tx, C = tiny_run()
+    for step in range(3):  # fill the bank
+        tiny_step(run, tx, C, torch.arange(step * 32, step * 32 + 32), step)
+    ids = torch.arange(40, 72)
+    rnd, x1, x2, xm, xe = step_inputs(run, tx, C, ids, step=3)
+    momentum, online = copy.deepcopy(run.momentum_net), copy.deepcopy(run.net)
+    loss, terms, _ = O.objective(run, x1, x2, ids, rnd)
+    with torch.no_grad():
+        hm, (zm1, zm2) = momentum(torch.cat([x1, xe]), x2)
+        h, (z1, z2, zmix) = online(torch.cat([x1, xe]), x2, xm)
+    cfg = run.cfg
+    again, again_terms, _ = O.osessl_loss(
+        z1[:32], z2, h[:32], zm1[:32], zm2, hm[:32], z_ex=z1[32:], bank=run.bank.feats, bank_valid=run.bank.valid(),
+        select_by=zm1[32:], z_mix=zmix, beta=rnd.beta, partner=rnd.partner, lambda_proto=cfg.lambda_proto,
+        mu_mix=cfg.mu_mix, k=cfg.k, alpha=cfg.alpha, tau_w=cfg.tau_w, tau_s=cfg.tau_s, tau_t=cfg.tau_t)
+    assert torch.allclose(loss, again, rtol=1e-5)
+    for name, value in again_terms.items():
+        assert torch.allclose(terms[name], value, rtol=1e-5, atol=1e-6), name
+
+
+def readme_example():
+    import re
+    text = open(os.path.join(HERE, "README.md")).read()
+    section = text.split("## Use it in your own code", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+
+
+def test_readme_example_runs_and_gives_the_same_L_in_a_process_group(tmp_path):
+    """README's "Use it in your own code" block, as it stands: at most 30 lines, needs only torch and
+    osessl.py beside it, and prints the same L alone and in a gloo process group, where the two processes
+    hold different batches (seed + rank): osessl_loss reduces over processes only when asked, so one
+    process's Sinkhorn never sums the other's columns into its own."""
+    code = readme_example()
+    assert len(code.strip().splitlines()) <= 30
+    import shutil
+    shutil.copy(os.path.join(HERE, "osessl.py"), tmp_path)
+    (tmp_path / "example.py").write_text(code)
+    (tmp_path / "run_it.py").write_text(
+        "import os, torch, torch.distributed as dist\n"
+        "shift, seed = int(os.environ.get('RANK', os.environ.get('SHIFT', '0'))), torch.manual_seed\n"
+        "torch.manual_seed = lambda s: seed(s + shift)  # another batch on each process\n"
+        "if 'RANK' in os.environ:\n    dist.init_process_group('gloo')\n"
+        "exec(open('example.py').read())\n")
+    alone = []
+    for shift in ("0", "1"):
+        r = subprocess.run([sys.executable, "run_it.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, OMP_NUM_THREADS="1", SHIFT=shift))  # as two_processes: same roundoff
+        assert r.returncode == 0 and r.stdout.count("L = ") == 3, r.stderr
+        alone.append(r.stdout)
+    assert alone[0] != alone[1]
+    for (code, out, err), expected in zip(two_processes(tmp_path, driver=str(tmp_path / "run_it.py"), timeout=120),
+                                          alone):
+        assert code == 0, err
+        assert out == expected
