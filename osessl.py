@@ -30,7 +30,6 @@ import json
 import math
 import operator
 import os
-import re
 import shutil
 import signal
 import sys
@@ -563,9 +562,9 @@ def decode_split(ds, paths, size, top, node=(0, 1)):
     (local_rank, local_world), cores = node, os.cpu_count() or 1
     need, have = len(paths) * 3 * size * size * local_world, host_memory_bytes()
     if need > have:
-        raise UsageError(f"{top} at {size} x {size} px needs {need / 2 ** 30:.2f} GiB for the {local_world} process(es) "
-                         f"of this node, more than its {have / 2 ** 30:.2f} GiB of free memory: give a smaller "
-                         "--image-size")
+        raise UsageError(f"{top} at {size} x {size} px needs {need / 2 ** 30:.2f} GiB for the {local_world} "
+                         f"process(es) of this node, more than its {have / 2 ** 30:.2f} GiB of free memory: give a "
+                         "smaller --image-size")
     print(f"osessl: decoding {top} ({len(paths)} images at {size} x {size} px, cached for the next run)", flush=True)
     ds.loader = partial(decode_image, size=size)
     workers = 0 if len(paths) < 2000 else max(1, cores // (local_world if local_rank else 1))  # small: no workers
@@ -855,9 +854,9 @@ class UsageError(Exception):
     """Bad input: reported as one line on stderr with exit code 2, never as a traceback."""
 
 
-def opt(default, help, choices=(), at_least=None, above=None, at_most=None):
-    """A Config field: its default, its --help, and what check_config accepts."""
-    return field(default=default, metadata=dict(help=help, choices=choices, at_least=at_least, above=above,
+def opt(default, help, choices="", at_least=None, above=None, at_most=None):
+    """A Config field: its default, its --help, and what check_config accepts (choices: space-separated)."""
+    return field(default=default, metadata=dict(help=help, choices=choices.split(), at_least=at_least, above=above,
                                                  at_most=at_most))
 
 
@@ -867,91 +866,74 @@ LIMITS = (("at_least", ">=", operator.ge), ("above", ">", operator.gt), ("at_mos
 
 @dataclass
 class Config:
+    """One field per flag (--field-name); the reasons behind the open choices: README's flags table."""
     # data
-    dataset: str = opt("cifar100", "cifar10 | cifar100 (torchvision, downloaded into --data-dir) | imagefolder "
-                       "(DIR/train/<class>/*, DIR/test/<class>/*) | synthetic (generated, no files)",
-                       ("cifar10", "cifar100", "imagefolder", "synthetic"))
-    data_dir: str = opt("./data", "where CIFAR is downloaded, or the ImageFolder root holding train/ and test/")
+    dataset: str = opt("cifar100", "cifar10 | cifar100 (downloaded) | imagefolder | synthetic (generated)",
+                       "cifar10 cifar100 imagefolder synthetic")
+    data_dir: str = opt("./data", "where CIFAR is downloaded, or the ImageFolder root (train/<class>/*, test/...)")
     train_limit: int = opt(0, "use only this many unlabeled training images (seeded subset; 0 = all)", at_least=0)
     test_limit: int = opt(0, "evaluate on only this many test images (seeded subset; 0 = all)", at_least=0)
-    synthetic_classes: int = opt(10, "number of classes of --dataset synthetic", at_least=1)
-    synthetic_per_class: int = opt(64, "training images per class of --dataset synthetic (a quarter as many to test)",
-                                   at_least=1)
-    image_size: int = opt(0, "imagefolder: resize (short side) and centre-crop every image once, when decoded, to "
-                          "this square size (0 = the images' own size, when they all share one square size)")
-    data_on: str = opt("auto", "where the uint8 images live: device | host (pinned; each batch copied to the device) "
-                       "| auto (the device when the splits take at most half of its free memory)",
-                       ("auto", "device", "host"))
-    # one-shot split
+    synthetic_classes: int = opt(10, "classes of --dataset synthetic", at_least=1)
+    synthetic_per_class: int = opt(64, "training images per class of synthetic (a quarter as many to test)", at_least=1)
+    image_size: int = opt(0, "imagefolder: S; images resized (short side) and centre-cropped once (0: first image's)")
+    data_on: str = opt("auto", "images on the device | the host (pinned) | auto: device if in half its memory",
+                       "auto device host")
+    # the one-shot split
     exemplar_seed: int = opt(0, "seed that draws the one labeled exemplar per class", **SEED)
-    exemplars: str = opt("", "JSON file with a list of training indices, one per class (overrides --exemplar-seed)")
-    keep_exemplars_in_unlabeled: bool = opt(False, "paper silent; our default removes the exemplars from D_u")
-    exemplar_select: str = opt("momentum", "paper silent: which network's exemplar embedding scores the bank "
-                               "(discriminative score, top-k): online (z_l) | momentum (the network that fills the "
-                               "bank); members and weights stay online. Default: README's CPU study",
-                               ("online", "momentum"))
-    exemplar_bn: str = opt("joint", "paper silent: the exemplars are forwarded as their own BatchNorm batch (alone) "
-                           "or in one batch with the weak views (joint). Default: README's CPU study",
-                           ("alone", "joint"))
+    exemplars: str = opt("", "JSON list of training indices, one per class (instead of --exemplar-seed)")
+    keep_exemplars_in_unlabeled: bool = opt(False, "paper silent: by default the exemplars leave D_u")
+    exemplar_select: str = opt("momentum", "paper silent: the network whose exemplar embeddings choose neighbours",
+                               "online momentum")
+    exemplar_bn: str = opt("joint", "paper silent: exemplars in their own BatchNorm batch, or with the weak views",
+                           "alone joint")
     # networks
-    width: int = opt(64, "ResNet-18 base width (64 = the real ResNet-18; tests use 8 or 16 to run fast)", at_least=1)
-    stem: str = opt("auto", "ResNet stem: cifar (3x3 conv, no max-pool) | cifar-pad (the same after zero-padding the "
-                    "input by 1 px: ReSA's official CIFAR encoder, maps 34/17/9/5 at 32 px, 27%% more compute) | "
-                    "imagenet (torchvision's 7x7/2 conv + max-pool) | auto (cifar up to 64 px, imagenet above)",
-                    ("auto", "cifar", "cifar-pad", "imagenet"))
+    width: int = opt(64, "ResNet-18 base width (64: the real one; tests use 8)", at_least=1)
+    stem: str = opt("auto", "cifar | cifar-pad (ReSA's official) | imagenet | auto (cifar up to 64 px)",
+                    "auto cifar cifar-pad imagenet")
     proj_hidden: int = opt(2048, "projector hidden size", at_least=1)
     proj_dim: int = opt(512, "projector output size d", at_least=1)
     # optimisation
     epochs: int = opt(1000, "training epochs (the paper: 1000 on CIFAR)", at_least=1)
-    batch_size: int = opt(256, "images per process and step (global batch = this x number of processes; at least 2: "
-                          "BatchNorm needs two)", at_least=2)
-    lr: float = opt(0.3, "base learning rate for a global batch of 256 (scaled linearly)", above=0)
-    weight_decay: float = opt(1e-4, "SGD weight decay, applied to every parameter", at_least=0)
+    batch_size: int = opt(256, "images per process and step, at least 2 (BatchNorm); global batch: x processes",
+                          at_least=2)
+    lr: float = opt(0.3, "learning rate for a global batch of 256 (scaled linearly)", above=0)
+    weight_decay: float = opt(1e-4, "SGD weight decay", at_least=0)
     warmup_epochs: int = opt(2, "linear warm-up epochs, then cosine to --final-lr-ratio x lr", at_least=0)
-    final_lr_ratio: float = opt(0.1, "learning rate at the end of the cosine schedule, relative to lr", at_least=0)
-    ema_start: float = opt(0.996, "momentum-encoder EMA coefficient at step 0, cosine to 1", at_least=0, at_most=1)
-    # ReSA (section 3)
+    final_lr_ratio: float = opt(0.1, "learning rate at the end of the cosine, relative to lr", at_least=0)
+    ema_start: float = opt(0.996, "momentum-network EMA coefficient at step 0, cosine to 1", at_least=0, at_most=1)
+    # ReSA (section 1)
     sinkhorn_eps: float = opt(0.05, "Sinkhorn entropic regularisation", above=0)
-    sinkhorn_iters: int = opt(3, "Sinkhorn iterations (ReSA uses 3)", at_least=1)
+    sinkhorn_iters: int = opt(3, "Sinkhorn iterations (ReSA: 3)", at_least=1)
     resa_temp: float = opt(0.4, "temperature of the ReSA and instance-mixup logits", above=0)
-    # OSESSL (sections 4-7)
-    lambda_proto: float = opt(1.0, "weight lambda of L_proto = L_align + L_disp (0 with --mu-mix 0 gives ReSA)",
-                              at_least=0)
+    # OSESSL (sections 2-5)
+    lambda_proto: float = opt(1.0, "weight lambda of L_proto (0, with --mu-mix 0: ReSA)", at_least=0)
     mu_mix: float = opt(1.0, "weight mu of L_mix (1.0 on CIFAR, 0.25 on ImageNet)", at_least=0)
-    bank_size: int = opt(4096, "memory bank size K (FIFO of momentum weak-view embeddings)", at_least=1)
+    bank_size: int = opt(4096, "memory bank size K", at_least=1)
     k: int = opt(8, "neighbours per exemplar", at_least=1)
-    alpha: float = opt(0.75, "discriminative score: weight of own-exemplar similarity vs nearest other exemplar",
-                       at_least=0, at_most=1)
-    tau_w: float = opt(1.0, "temperature of the prototype member weights; paper writes none, we use 1.0", above=0)
+    alpha: float = opt(0.75, "discriminative score: own exemplar's weight", at_least=0, at_most=1)
+    tau_w: float = opt(1.0, "temperature of the prototype member weights (the paper writes none)", above=0)
     tau_s: float = opt(0.1, "student temperature", above=0)
-    tau_t: float = opt(0.04, "teacher temperature (sharper)", above=0)
-    zeta: float = opt(1.0, "mixup Beta(zeta, zeta) parameter; paper silent, 1.0 = uniform", above=0)
-    blur: str = opt("auto", "Gaussian blur in the strong view, p=0.5, sigma in [0.1, 2] px, kernel 2 round(S/20) + 1 "
-                    "(ReSA's ImageNet recipe; the paper is silent): on | off | auto (on above 64 px)",
-                    ("auto", "on", "off"))
-    dispersion: str = opt("mean", "mean (the paper's text) | logsumexp (contrastive form, pushes closest pairs "
-                          "hardest)", ("mean", "logsumexp"))
-    # run
+    tau_t: float = opt(0.04, "teacher temperature", above=0)
+    zeta: float = opt(1.0, "mixup Beta(zeta, zeta) (paper silent; 1 = uniform)", above=0)
+    blur: str = opt("auto", "strong-view Gaussian blur, ReSA's ImageNet recipe: on | off | auto (above 64 px)",
+                    "auto on off")
+    dispersion: str = opt("mean", "L_disp: mean (the paper's text) | logsumexp (closest pairs pushed hardest)",
+                          "mean logsumexp")
+    # the run
     seed: int = opt(0, "seed of the network init, epoch permutations and augmentation", **SEED)
-    eval_every: int = opt(10, "k-NN evaluation every this many epochs (and after the last); 0 = only at the end",
-                          at_least=0)
-    max_steps: int = opt(0, "stop after this many optimiser steps in total (0 = run all epochs); for tests", at_least=0)
-    keep_every: int = opt(0, "also keep the checkpoint of every N-th epoch as epoch<N>.pt beside last.pt (0 = none): "
-                          "training progress for notebook 1", at_least=0)
+    eval_every: int = opt(10, "in-training k-NN every N epochs and after the last (0: only after the last)", at_least=0)
+    max_steps: int = opt(0, "stop after this many optimiser steps in all (0: every epoch)", at_least=0)
+    keep_every: int = opt(0, "also keep every N-th epoch's checkpoint as epoch<N>.pt (0: none)", at_least=0)
     out: str = opt("", "run directory (default runs/<dataset>-<method>-<timestamp>)")
-    overwrite: bool = opt(False, "allow writing into a --out that already holds another run")
+    overwrite: bool = opt(False, "allow writing into a --out that holds another run")
     resume: str = opt("", "checkpoint (last.pt) to continue from")
-    compile: bool = opt(False, "torch.compile the augmentation and the whole objective (networks, Sinkhorn, "
-                        "prototypes, losses)")
-    compile_mode: str = opt("default", "torch.compile mode with --compile (reduce-overhead: CUDA graphs)",
-                            ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
+    compile: bool = opt(False, "torch.compile the augmentation and the whole objective")
+    compile_mode: str = opt("default", "torch.compile mode", "default reduce-overhead max-autotune "
+                            "max-autotune-no-cudagraphs")
     device: str = opt("", "cuda | cpu (default: cuda when available)")
-    memory_format: str = opt("auto", "layout of images and convolution weights: channels_last | contiguous | "
-                             "auto (channels_last on CUDA, contiguous on the CPU: there channels_last is x1.22-1.24 "
-                             "faster at the CPU recipe's shapes, but PyTorch 2.14's backward of a strided 1x1 "
-                             "convolution crashes in it at others, e.g. 8 -> 16 channels at 64 px)",
-                             ("auto", "channels_last", "contiguous"))
-    float64: bool = opt(False, "CPU only: compute in float64 (tests use it to tell real differences from roundoff)")
+    memory_format: str = opt("auto", "channels_last | contiguous | auto (channels_last on CUDA only)",
+                             "auto channels_last contiguous")
+    float64: bool = opt(False, "CPU only: compute in float64 (for equivalence checks)")
 
     @property
     def uses_exemplars(self):
@@ -1107,69 +1089,42 @@ def prepare_run_dir(cfg, method):
     return out
 
 
-# Config fields added after format 1, with the value that reproduces the checkpoints written before them
-LATER_SETTINGS = dict(exemplar_select="online", exemplar_bn="alone", image_size=0, data_on="auto", stem="cifar",
-                      blur="off")
-REMOVED_SETTINGS = ("benchmark", "benchmark_steps")  # in checkpoints written before results/benchmark.py
-
-
 def read_checkpoint(path):
-    """An osessl checkpoint, loaded as tensors and plain data only (weights_only: a crafted file can
-    never run code here), with its settings checked as a Config. What does not fit is refused in
-    one line; the networks, optimiser and bank are checked when loaded (load_parts)."""
-    if not os.path.isfile(path):
-        raise UsageError(f"checkpoint {path}: no such file")
+    """An osessl checkpoint, loaded as tensors and plain data only (weights_only: a crafted file never
+    runs code here), its settings checked as a Config; the parts are checked when loaded (load_parts)."""
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UsageError(f"checkpoint {path}: no such file") from None
     except Exception as e:
-        code = re.search(r"GLOBAL ([\w.]+)", str(e))  # the object pickle would have to call
-        why = f"it holds a Python object ({code[1]}) that only running code could rebuild" if code else type(e).__name__
-        raise UsageError(f"{path} is not a readable checkpoint ({why}); osessl loads tensors and plain data only") \
-            from None
-    if not isinstance(ck, dict) or not isinstance(ck.get("format"), int):
+        raise UsageError(f"{path} is not a readable checkpoint ({type(e).__name__}): osessl loads tensors and plain "
+                         "data only") from None
+    if not isinstance(ck, dict) or type(ck.get("format")) is not int:
         raise UsageError(f"{path} is not an osessl checkpoint")
     if ck["format"] > CHECKPOINT_FORMAT:
-        raise UsageError(f"{path} has format {ck['format']}, newer than this osessl.py ({CHECKPOINT_FORMAT}): "
-                         "update osessl.py")
-    types = {f.name: type(f.default) for f in fields(Config)}
+        raise UsageError(f"{path} has format {ck['format']}, newer than this osessl.py's: update osessl.py")
     try:
-        missing = [k for k in ("config", "num_classes", "step") if k not in ck]  # the parts: when loaded
-        if missing:
-            raise ValueError(f"it has no {missing[0]!r}")
-        if not isinstance(ck["config"], dict):
-            raise ValueError(f"its 'config' is a {type(ck['config']).__name__}, not a dict")
-        config = {**LATER_SETTINGS, **{k: v for k, v in ck["config"].items() if k not in REMOVED_SETTINGS}}
-        for k, v in config.items():
-            if k not in types:
-                raise ValueError(f"its config has an unknown setting {k!r}")
-            if not (type(v) is types[k] or types[k] is float and type(v) is int):
-                raise ValueError(f"its config setting {k!r} is {v!r}, not a {types[k].__name__}")
-        check_config(Config(**config))
+        check_config(Config(**ck["config"]))
         if not (type(ck["step"]) is int and ck["step"] >= 0 and type(ck["num_classes"]) is int):
             raise ValueError(f"its step or number of classes is not a count ({ck['step']!r}, {ck['num_classes']!r})")
-    except (ValueError, TypeError, AttributeError, UsageError) as e:
-        raise UsageError(f"{path} is not a usable osessl checkpoint: {e}") from None
-    ck["config"] = config
+    except (KeyError, ValueError, TypeError, UsageError) as e:
+        raise UsageError(f"{path} is not a usable osessl checkpoint ({type(e).__name__}: {e})") from None
     return ck
 
 
 def load_parts(path, ck, parts):
-    """Strict load_state_dict of each named part (networks, optimiser, memory bank) from the
-    checkpoint; a part that does not fit is one line naming it and the first detail of the error."""
+    """Strict load_state_dict of each named part (networks, optimiser, memory bank); a part that does
+    not fit is one line naming it."""
     for name, part in parts.items():
-        if name not in ck:
-            raise UsageError(f"{path} is not a usable osessl checkpoint: it has no {name!r}")
         try:
             part.load_state_dict(ck[name])
-            if isinstance(part, torch.optim.Optimizer):  # loading casts momentum buffers without checking shapes
-                for p in part.param_groups[0]["params"]:
-                    if getattr(part.state[p].get("momentum_buffer", p), "shape", None) != p.shape:
-                        raise ValueError("its momentum buffers are not of the network's parameter shapes")
+            state = part.state.items() if isinstance(part, torch.optim.Optimizer) else ()  # loaded, never checked
+            if any(s.get("momentum_buffer", p).shape != p.shape for p, s in state):
+                raise ValueError("its momentum buffers are not of the network's parameter shapes")
         except Exception as e:
-            lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-            detail = lines[1] if len(lines) > 1 else lines[0]
-            raise UsageError(f"{path}: its {name!r} does not fit this run "
-                             f"({detail[:150]}{'...' if len(detail) > 150 else ''})") from None
+            detail = " ".join(str(e).split())
+            raise UsageError(f"{path}: its {name!r} does not fit this run ({type(e).__name__}: {detail[:150]})") \
+                from None
 
 
 def check_resume(cfg, ck, world, rank):

@@ -1011,7 +1011,7 @@ def test_a_crafted_checkpoint_never_runs_code(tmp_path):
     for args, script in ((["--resume", str(evil)], "osessl.py"), (["--checkpoint", str(evil)], "knn_eval.py")):
         r = run_cli(*args, script=script)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
-        assert "not a readable checkpoint" in r.stderr and "only running code could rebuild" in r.stderr
+        assert "not a readable checkpoint (UnpicklingError)" in r.stderr and "tensors and plain data only" in r.stderr
         assert not marker.exists(), script
     assert sorted(os.listdir(tmp_path)) == ["evil.pt"]  # nothing written beside it
 
@@ -1024,26 +1024,26 @@ def test_malformed_checkpoints_are_refused_in_one_line(tmp_path, capsys):
     net_wider = O.Network(16, 64, 32).state_dict()
     both, resume = (O.main, knn_eval.main), (O.main,)
     cases = {
-        "no config": ({k: v for k, v in ck.items() if k != "config"}, "has no 'config'", both),
-        "config is a string": (dict(ck, config="--width 8"), "'config' is a str, not a dict", both),
-        "config of wrong types": (dict(ck, config=dict(ck["config"], width="8")), "setting 'width' is '8', not a int",
+        "no config": ({k: v for k, v in ck.items() if k != "config"}, "KeyError: 'config'", both),
+        "config is a string": (dict(ck, config="--width 8"), "TypeError: .*must be a mapping, not str", both),
+        "config of wrong types": (dict(ck, config=dict(ck["config"], width="8")), "TypeError: must be real number, not str",
                                   both),
-        "unknown setting": (dict(ck, config=dict(ck["config"], colour="red")), "unknown setting 'colour'", both),
+        "unknown setting": (dict(ck, config=dict(ck["config"], colour="red")), "unexpected keyword argument 'colour'", both),
         "bad setting": (dict(ck, config=dict(ck["config"], tau_s=-1.0)), "--tau-s must be > 0", both),
         "negative step": (dict(ck, step=-1), "step or number of classes is not a count", both),
-        "no num_classes": ({k: v for k, v in ck.items() if k != "num_classes"}, "has no 'num_classes'", both),
-        "no networks": ({k: v for k, v in ck.items() if k not in ("net", "momentum")}, "has no '(net|momentum)'", both),
-        "no momentum network": ({k: v for k, v in ck.items() if k != "momentum"}, "has no 'momentum'", both),
-        "other network": (dict(ck, momentum=net_wider), "'momentum' does not fit this run .size mismatch", both),
+        "no num_classes": ({k: v for k, v in ck.items() if k != "num_classes"}, "KeyError: 'num_classes'", both),
+        "no networks": ({k: v for k, v in ck.items() if k not in ("net", "momentum")}, "'(net|momentum)' does not fit this run .KeyError", both),
+        "no momentum network": ({k: v for k, v in ck.items() if k != "momentum"}, "'momentum' does not fit this run .KeyError", both),
+        "other network": (dict(ck, momentum=net_wider), "'momentum' does not fit this run .*size mismatch", both),
         "network missing a layer": (dict(ck, net={k: v for k, v in ck["net"].items() if "layer4" not in k}),
-                                    "'net' does not fit this run .Missing key", resume),
+                                    "'net' does not fit this run .*Missing key", resume),
         "bank of other size": (dict(ck, bank=dict(ck["bank"], feats=torch.zeros(5, 32))),
-                               "'bank' does not fit this run .size mismatch for feats", both),
+                               "'bank' does not fit this run .*size mismatch for feats", both),
         "exemplars of other count": (dict(ck, exemplars=ck["exemplars"][:3]), "do not index one image per class", both),
         "exemplars out of range": (dict(ck, exemplars=ck["exemplars"] + 10 ** 6), "do not index one image per class",
                                    both),
         "optimiser of another network": (dict(ck, opt=dict(ck["opt"], state={0: {"momentum_buffer": torch.zeros(3)}})),
-                                         "'opt' does not fit this run .its momentum buffers", resume),
+                                         "'opt' does not fit this run .ValueError: its momentum buffers", resume),
         "no rng": ({k: v for k, v in ck.items() if k != "rng"}, "random generator state", resume),
         "not a dict": ([1, 2, 3], "is not an osessl checkpoint", both),
     }
