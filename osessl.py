@@ -652,24 +652,17 @@ def select_exemplars(cfg, train_y, num_classes):
     """D_l: one training index per class, entry c holding class c. Drawn with --exemplar-seed (this
     simulates the annotator, who looks at labels) or read from --exemplars."""
     if cfg.exemplars:
-        where = f"--exemplars {cfg.exemplars}"
         try:
             with open(cfg.exemplars) as f:
                 idx = json.load(f)
-        except (OSError, ValueError) as e:
-            raise UsageError(f"{where}: not a readable JSON list ({e})") from None
-        if not isinstance(idx, list) or not all(type(i) is int for i in idx):
-            raise UsageError(f"{where}: expected a JSON list of integer training indices")
-        if len(idx) != num_classes:
-            raise UsageError(f"{where} holds {len(idx)} indices, the dataset has {num_classes} classes: one per class")
-        out = [i for i in idx if not 0 <= i < len(train_y)]
-        if out:
-            raise UsageError(f"{where}: index {out[0]} is out of range (0..{len(train_y) - 1})")
-        classes = train_y[idx]
-        if len(classes.unique()) != num_classes:
-            dup = int(classes.bincount().argmax())
-            raise UsageError(f"{where}: class {dup} appears more than once: give one image per class")
-        return torch.tensor(idx)[classes.argsort()]
+            ok = type(idx) is list and len(idx) == num_classes and all(type(i) is int for i in idx) \
+                and all(0 <= i < len(train_y) for i in idx) and len(train_y[idx].unique()) == num_classes
+        except (OSError, ValueError):
+            ok = False
+        if not ok:
+            raise UsageError(f"--exemplars {cfg.exemplars}: give a JSON list of {num_classes} training indices "
+                             f"(0..{len(train_y) - 1}), one image of each class")
+        return torch.tensor(idx)[train_y[idx].argsort()]
     g = torch.Generator().manual_seed(cfg.exemplar_seed)
     picks = []
     for c in range(num_classes):
