@@ -8,17 +8,16 @@ predict interpolated assignments (interpolation consistency):
     L = L_resa + lambda (L_align + L_disp) + mu (L_mix_proto + L_mix_ins).
 Training reads no label except the C exemplars'.
 
-The method comes first, as pure functions (sections 1-5: ReSA loss, prototypes, L_proto, L_mix,
-the objective and the training step); networks, data, augmentation, config, the training loop and
-the entry point follow. Section banners name the paper's term each implements.
+The method comes first, as pure functions of tensors (sections 1-5; osessl_loss is the whole
+objective); networks, data, augmentation, config, the training loop and the entry point follow.
 
-Run (the same file with or without a launcher; GPU commands: the paper's settings):
-  python osessl.py --dataset synthetic --epochs 2 --warmup-epochs 1   # quick start, no files
-  python osessl.py --dataset imagefolder --data-dir data/cifar100     # offline, real images
-  torchrun --standalone --nproc_per_node=1 osessl.py --dataset cifar100
-  torchrun --standalone --nproc_per_node=4 osessl.py --dataset cifar100
+Run (the same file with or without a launcher):
+  python osessl.py --dataset synthetic --epochs 2 --warmup-epochs 1 --ema-start 0.99 --width 16 \
+      --batch-size 64 --bank-size 512                                   # quick start on a CPU, no files
+  python osessl.py --dataset imagefolder --data-dir data/cifar100       # offline CIFAR-100 (a GPU run)
+  torchrun --standalone --nproc_per_node=4 osessl.py --dataset cifar100  # the paper's run, 4 GPUs
   torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST --master_port=29500 \
-      osessl.py --dataset cifar100                                     # and node_rank=1 on the other
+      osessl.py --dataset cifar100                                      # and node_rank=1 on the other
   ReSA baseline, step for step: add --lambda-proto 0 --mu-mix 0
 """
 from __future__ import annotations
