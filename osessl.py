@@ -8,8 +8,8 @@ predict interpolated assignments (interpolation consistency):
     L = L_resa + lambda (L_align + L_disp) + mu (L_mix_proto + L_mix_ins).
 Training reads no label except the C exemplars'.
 
-The method comes first, as pure functions of tensors (sections 1-5; osessl_loss is the whole
-objective); networks, data, augmentation, config, the training loop and the entry point follow.
+The method comes first (sections 1-5): functions of tensors, osessl_loss the whole objective, then
+the step that wires it; networks, data, augmentation, config, the training loop and the entry point follow.
 
 Run (the same file with or without a launcher):
   python osessl.py --dataset synthetic --epochs 2 --warmup-epochs 1 --ema-start 0.99 --width 16 \
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import hashlib
 import json
 import math
@@ -45,14 +46,15 @@ import torch.nn.functional as F
 
 CHECKPOINT_FORMAT = 1
 
-# The method (sections 1-5): pure functions of tensors, copyable one by one; osessl_loss is all of L.
+# The method (sections 1-5): functions of tensors, copyable one by one; osessl_loss is all of L (objective and
+# training_step then wire it to the networks, the bank and the optimiser).
 #   B    images per step on this process; B_g = B x processes, the global batch (one process: B_g = B)
 #   C    classes, one labeled exemplar each; K memory-bank entries; k neighbours per exemplar
 #   d    embedding size; e backbone feature size (512 for ResNet-18 at width 64)
 #   h    backbone features f(x), (., e): what ReSA's Sinkhorn compares (they cluster better than z)
 #   z    embeddings norm(g(f(x))), (., d), unit length: what every loss compares
 #   _m   the momentum network's (the paper's prime): z_weak_m is z'_1; no gradient ever reaches it
-#   weak, strong, mix: the paper's views 1 and 2 and the mixup image; z_ex: the exemplars' z (z_l)
+#   weak, strong, mix: the paper's views 1 and 2 and the mixup image (METHOD.md's subscript m); z_ex: z_l
 #   c    prototypes (C, d); p, p_m: student and teacher soft assignments to them
 
 
@@ -231,8 +233,15 @@ def osessl_loss(z_weak, z_strong, h_weak, z_weak_m, z_strong_m, h_weak_m, z_ex=N
     (K, d), bank_valid (K,): the memory bank's entries and filled slots. z_mix (B, d): online embeddings of
     x_mix,i = beta_i x_weak,i + (1 - beta_i) x_strong,partner_i (beta, partner: (B,); partner indexes
     the global batch). all_reduce: see sinkhorn. Returns L, its terms (detached; with the entropies of the
-    teacher assignments, a diagnostic) and the chosen neighbours (C, k) (None without exemplars)."""
+    teacher assignments, a diagnostic) and the chosen neighbours (C, k) (None without exemplars).
+    Under DDP: the momentum outputs all-gathered in rank order, the same B on every process, first_row =
+    rank x B, the same z_ex (all C rows) and bank on every process, and all_reduce=torch.distributed.all_reduce."""
     B, z_weak_m, z_strong_m = len(z_weak), z_weak_m.detach(), z_strong_m.detach()  # the momentum side: sg
+    if not 0 <= first_row <= len(z_weak_m) - B or (len(z_weak_m) > B and all_reduce is None):
+        raise ValueError(f"a global batch of {len(z_weak_m)} with {B} rows here from row {first_row}: give this "
+                         "process's first_row, and all_reduce when the other rows live on other processes")
+    if z_mix is not None and z_ex is None:
+        raise ValueError("L_mix needs the exemplars' prototypes: give z_ex with z_mix")
     with torch.no_grad():  # ReSA's target, from the online and momentum backbone features
         A = sinkhorn(F.normalize(h_weak, dim=-1) @ F.normalize(h_weak_m, dim=-1).T, sinkhorn_eps, sinkhorn_iters,
                      all_reduce)
@@ -264,7 +273,8 @@ def objective(run, x_weak, x_strong, ids, rnd):
     is the weak view of i and the strong view of its partner anywhere in the global batch; both networks
     forward every view separately (the exemplars alone or with the weak views: --exemplar-bn), the
     momentum outputs are gathered over the processes, and osessl_loss computes L. ids: the global
-    batch's sample ids. Returns L, its terms and z_weak_m of the global batch (the bank's next entries)."""
+    batch's sample ids (training_step enqueues them). Returns L, its terms and z_weak_m of the global batch
+    (the bank's next entries)."""
     cfg, B = run.cfg, len(x_weak)
     rows, views, x_ex, mix = slice(run.rank * B, (run.rank + 1) * B), [x_weak, x_strong], None, {}
     if cfg.mu_mix > 0:
@@ -469,7 +479,7 @@ def removed_on_failure(folder):
         yield
     except BaseException:
         new = [top] if before is None else [os.path.join(folder, n) for n in set(os.listdir(folder)) - before]
-        for path in new:
+        for path in filter(os.path.lexists, new):  # (a folder that could not be made is not there)
             shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
         raise
 
@@ -507,37 +517,49 @@ def list_imagefolder(root, split):
 def load_imagefolder_split(root, split, size=0, ds=None, node=(0, 1)):
     """Decode DIR/split/<class>/* (ds: its listing) once into uint8 (N, 3, S, S), on the CPU cores, and
     cache it next to the data when writable. node (local rank, processes on this node): under torchrun
-    local rank 0 decodes and writes the cache while the others wait, then they read it. size 0: S is
-    the first image's short side. Returns images, labels, classes."""
+    local rank 0 decodes and writes the cache while the others wait, then they read it (every process
+    takes part in one agreement, so that a failure anywhere stops all). size 0: S is the first readable
+    image's short side. Returns images, labels, classes."""
     ds = ds or list_imagefolder(root, split)
     top, (local_rank, local_world) = os.path.join(root, split), node
     paths, labels = [p for p, _ in ds.samples], torch.tensor(ds.targets)
-    if not size:
-        from PIL import Image
-        with Image.open(paths[0]) as im:
-            size = min(im.size)
+    size = size or first_image_size(paths, top)
     listing = [size] + [(os.path.relpath(p, root), os.path.getsize(p)) for p in paths]
     key = hashlib.sha1(json.dumps(listing).encode()).hexdigest()  # a changed file or size: decode anew
-    cache = os.path.join(root, f".osessl-cache-{split}.pt")
-    if local_rank > 0 and agree(0):  # wait for local rank 0's decode (1: it failed, and said why)
-        raise UsageError(f"{top}: not decoded, see the first process's error")
-    try:
+    cache, shared, failed, x = os.path.join(root, f".osessl-cache-{split}.pt"), dist.is_initialized(), None, None
+    if local_rank == 0 or local_world == 1:
+        try:
+            x = read_cache(cache, key, labels, size)
+            if x is None:
+                x = decode_split(ds, paths, size, top, node)
+                tmp = f"{cache}.{os.uname().nodename}.{os.getpid()}.tmp"  # several runs may write at once
+                try:
+                    torch.save({"key": key, "x": x, "y": labels}, tmp)
+                    os.replace(tmp, cache)
+                except OSError:
+                    pass  # read-only data directory: decode again next time
+        except Exception as e:
+            failed = e
+    if shared and agree(int(failed is not None)):  # the others waited here for local rank 0's decode
+        raise failed or UsageError(f"{top}: not decoded, see the first process's error")
+    if failed:
+        raise failed
+    if x is None:  # the cache local rank 0 wrote (or, in a read-only folder, decoded here too)
         x = read_cache(cache, key, labels, size)
-        if x is None:
-            x = decode_split(ds, paths, size, top, node)
-            tmp = f"{cache}.{os.getpid()}.tmp"  # several runs may start at once on the same data
-            try:
-                torch.save({"key": key, "x": x, "y": labels}, tmp)
-                os.replace(tmp, cache)
-            except OSError:
-                pass  # read-only data directory: decode again next time
-    except UsageError:
-        if local_rank == 0 and local_world > 1:
-            agree(1)
-        raise
-    if local_rank == 0 and local_world > 1:
-        agree(0)
+        x = decode_split(ds, paths, size, top, node) if x is None else x
     return x, labels, ds.classes
+
+
+def first_image_size(paths, top):
+    """The short side of the first image that opens (the others are decoded to it)."""
+    from PIL import Image
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                return min(im.size)
+        except OSError:
+            continue
+    raise UsageError(f"{top}: no image in it can be read")
 
 
 def read_cache(cache, key, labels, size):
@@ -1097,8 +1119,9 @@ def read_checkpoint(path):
         raise UsageError(f"{path} has format {ck['format']}, newer than this osessl.py's: update osessl.py")
     try:
         check_config(Config(**ck["config"]))
-        if not (type(ck["step"]) is int and ck["step"] >= 0 and type(ck["num_classes"]) is int):
-            raise ValueError(f"its step or number of classes is not a count ({ck['step']!r}, {ck['num_classes']!r})")
+        counts = [ck["step"], ck["num_classes"], ck.get("world_size", 1), ck.get("global_batch", 1)]
+        if not all(type(n) is int and n >= 0 for n in counts):
+            raise ValueError(f"its step, classes, world size or global batch is not a count ({counts})")
     except (KeyError, ValueError, TypeError, UsageError) as e:
         raise UsageError(f"{path} is not a usable osessl checkpoint ({type(e).__name__}: {e})") from None
     return ck
@@ -1201,7 +1224,7 @@ def all_exemplars(run, z):
 
 
 def memory_format(cfg, device):
-    """--memory-format: channels_last on CUDA; on the CPU only when asked (see its help)."""
+    """--memory-format: channels_last on CUDA; on the CPU only when asked (why: README's flags table)."""
     last = cfg.memory_format == "channels_last" or cfg.memory_format == "auto" and device.type == "cuda"
     return torch.channels_last if last else torch.contiguous_format
 
@@ -1471,7 +1494,8 @@ def main(argv=None):
             node = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
             if use_cuda:
                 torch.cuda.set_device(node[0])
-            dist.init_process_group("nccl" if use_cuda else "gloo")
+            # a first decode of a large ImageFolder waits in a collective longer than NCCL's 10-minute default
+            dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=60))
         device = torch.device(f"cuda:{torch.cuda.current_device()}" if use_cuda else "cpu")
         if use_cuda:
             cuda_settings()

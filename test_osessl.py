@@ -1030,7 +1030,7 @@ def test_malformed_checkpoints_are_refused_in_one_line(tmp_path, capsys):
                                   both),
         "unknown setting": (dict(ck, config=dict(ck["config"], colour="red")), "unexpected keyword argument 'colour'", both),
         "bad setting": (dict(ck, config=dict(ck["config"], tau_s=-1.0)), "--tau-s must be > 0", both),
-        "negative step": (dict(ck, step=-1), "step or number of classes is not a count", both),
+        "negative step": (dict(ck, step=-1), "step, classes, world size or global batch is not a count", both),
         "no num_classes": ({k: v for k, v in ck.items() if k != "num_classes"}, "KeyError: 'num_classes'", both),
         "no networks": ({k: v for k, v in ck.items() if k not in ("net", "momentum")}, "'(net|momentum)' does not fit this run .KeyError", both),
         "no momentum network": ({k: v for k, v in ck.items() if k != "momentum"}, "'momentum' does not fit this run .KeyError", both),
@@ -1356,6 +1356,17 @@ print(f"decoded {{len(calls)}} images")
     assert f"decoding {tmp_path / 'folder' / 'train'} " in results[0][1]  # by local rank 0
 
 
+def test_an_unreadable_image_stops_both_processes_in_one_line(tmp_path):
+    """Local rank 0 finds the unreadable image while the other process waits: both exit 2 in one line,
+    neither waits for the other."""
+    write_imagefolder(tmp_path / "folder")
+    (tmp_path / "folder" / "train" / "b" / "2.png").write_bytes(b"not an image")
+    for code, _, err in two_processes(tmp_path, "--dataset", "imagefolder", "--data-dir", str(tmp_path / "folder"),
+                                      timeout=120):
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err[-2000:]
+        assert "unreadable image" in err or "not decoded, see the first process's error" in err
+
+
 def test_a_non_finite_loss_on_one_process_stops_every_process(tmp_path):
     """A NaN loss on process 1 only, at the last step of an epoch (so that process 0's own terms are still
     finite there): both processes stop at that check with the diagnosis and exit 3 (process 0 does not
@@ -1478,6 +1489,9 @@ def test_unreadable_images_are_reported_all_at_once(tmp_path):
     assert message.startswith(f"4 unreadable image(s) in {tmp_path / 'train'}: ") and "\n" not in message
     assert all(os.path.join("a", n) in message for n in ("1.png", "3.png")) and ", ..." in message
     assert not (tmp_path / ".osessl-cache-train.pt").exists()
+    (tmp_path / "train" / "a" / "0.png").write_bytes(b"not an image either")  # the one that set the size
+    with pytest.raises(O.UsageError, match=r"^5 unreadable image\(s\)"):
+        O.load_imagefolder_split(str(tmp_path), "train")
 
 
 # ---------------- osessl_loss: the whole objective as a function of tensors ----------------
@@ -1513,19 +1527,24 @@ def test_osessl_loss_is_the_papers_sum_of_its_terms():
                  mix_ins=O.mix_instance_loss(x["z_mix"], torch.cat([x["z_weak_m"], x["z_strong_m"]]),
                                              O.instance_mix_target(x["beta"], torch.arange(6, 12), x["partner"], 12)))
     by_hand = terms["resa"] + lam * (terms["align"] + terms["disp"]) + mu * (terms["mix_proto"] + terms["mix_ins"])
+    alone = lambda col: None  # the other process's column sums: none here (A above is this process's alone)
     loss, got, got_nbr = O.osessl_loss(**x, lambda_proto=lam, mu_mix=mu, k=3, alpha=0.6, tau_w=0.5,
-                                       dispersion="logsumexp")
+                                       dispersion="logsumexp", all_reduce=alone)
     assert torch.allclose(loss, by_hand, rtol=1e-12) and torch.equal(got_nbr, nbr)
     for name, value in terms.items():
         assert torch.allclose(got[name], value, rtol=1e-12), name
     assert not got["loss"].requires_grad
     momentum = {name: x[name].clone().requires_grad_() for name in ("z_weak_m", "z_strong_m", "h_weak_m")}
-    O.osessl_loss(**{**x, **momentum}, lambda_proto=lam, mu_mix=mu, k=3)[0].backward()
+    O.osessl_loss(**{**x, **momentum}, lambda_proto=lam, mu_mix=mu, k=3, all_reduce=alone)[0].backward()
     assert all(t.grad is None for t in momentum.values())  # sg: the momentum network learns only by EMA
     assert x["h_weak"].grad is None  # h_weak only makes ReSA's target
     assert all(x[name].grad.abs().sum() > 0 for name in ("z_weak", "z_strong", "z_ex", "z_mix"))
-    resa_only, resa_terms, none = O.osessl_loss(**{n: x[n] for n in list(x)[:6]}, first_row=6)
+    resa_only, resa_terms, none = O.osessl_loss(**{n: x[n] for n in list(x)[:6]}, first_row=6, all_reduce=alone)
     assert none is None and set(resa_terms) == {"resa", "loss"} and torch.allclose(resa_only, terms["resa"])
+    with pytest.raises(ValueError, match="give this process's first_row, and all_reduce"):  # DDP use, half wired
+        O.osessl_loss(**{n: x[n] for n in list(x)[:6]})
+    with pytest.raises(ValueError, match="give z_ex with z_mix"):
+        O.osessl_loss(**{n: x[n] for n in list(x)[:6]}, z_mix=x["z_mix"], first_row=6, all_reduce=alone)
 
 
 def test_the_step_is_osessl_loss_of_its_own_forwards(monkeypatch):
