@@ -948,8 +948,10 @@ def bad_inputs(tmp_path):
         (["--dataset", "imagefolder", "--data-dir", t + "/corrupt"], "1 unreadable image.*1.png"),
         (s + ["--exemplars", t + "/bad.json"], "bad.json: give a JSON list of 10 training indices"),
         (s + ["--exemplars", t + "/short.json"], "short.json: give a JSON list of 10 training indices"),
-        (s + ["--exemplars", t + "/dup.json", "--synthetic-classes", "2"], "dup.json: give a JSON list of 2 .* one image of each class"),
-        (s + ["--exemplars", t + "/range.json", "--synthetic-classes", "2"], "range.json: give a JSON list of 2 training indices .0..19."),
+        (s + ["--exemplars", t + "/dup.json", "--synthetic-classes", "2"],
+         "dup.json: give a JSON list of 2 .* one image of each class"),
+        (s + ["--exemplars", t + "/range.json", "--synthetic-classes", "2"],
+         "range.json: give a JSON list of 2 training indices .0..19."),
         (s + ["--batch-size", "4096", "--bank-size", "8192"], "larger than the 90 unlabeled"),
         (s + ["--epochs", "0"], "--epochs must be >= 1, got 0"),
         (s + ["--lr", "-1"], "--lr must be > 0"),
@@ -1026,14 +1028,18 @@ def test_malformed_checkpoints_are_refused_in_one_line(tmp_path, capsys):
     cases = {
         "no config": ({k: v for k, v in ck.items() if k != "config"}, "KeyError: 'config'", both),
         "config is a string": (dict(ck, config="--width 8"), "TypeError: .*must be a mapping, not str", both),
-        "config of wrong types": (dict(ck, config=dict(ck["config"], width="8")), "TypeError: must be real number, not str",
+        "config of wrong types": (dict(ck, config=dict(ck["config"], width="8")),
+                                  "TypeError: must be real number, not str",
                                   both),
-        "unknown setting": (dict(ck, config=dict(ck["config"], colour="red")), "unexpected keyword argument 'colour'", both),
+        "unknown setting": (dict(ck, config=dict(ck["config"], colour="red")), "unexpected keyword argument 'colour'",
+                            both),
         "bad setting": (dict(ck, config=dict(ck["config"], tau_s=-1.0)), "--tau-s must be > 0", both),
         "negative step": (dict(ck, step=-1), "step, classes, world size or global batch is not a count", both),
         "no num_classes": ({k: v for k, v in ck.items() if k != "num_classes"}, "KeyError: 'num_classes'", both),
-        "no networks": ({k: v for k, v in ck.items() if k not in ("net", "momentum")}, "'(net|momentum)' does not fit this run .KeyError", both),
-        "no momentum network": ({k: v for k, v in ck.items() if k != "momentum"}, "'momentum' does not fit this run .KeyError", both),
+        "no networks": ({k: v for k, v in ck.items() if k not in ("net", "momentum")},
+                        "'(net|momentum)' does not fit this run .KeyError", both),
+        "no momentum network": ({k: v for k, v in ck.items() if k != "momentum"},
+                                "'momentum' does not fit this run .KeyError", both),
         "other network": (dict(ck, momentum=net_wider), "'momentum' does not fit this run .*size mismatch", both),
         "network missing a layer": (dict(ck, net={k: v for k, v in ck["net"].items() if "layer4" not in k}),
                                     "'net' does not fit this run .*Missing key", resume),
@@ -1325,7 +1331,8 @@ def test_knn_memory_reads_the_split_in_place(tmp_path, monkeypatch):
     assert memory is None and train_x.untyped_storage().data_ptr() == split.untyped_storage().data_ptr()
     O.train(tiny_config(tmp_path / "some", "--epochs", "1", "--train-limit", "64"))
     (run, train_x, train_y, test_x, test_y, memory), _, report = evals[1]
-    assert len(memory) == 64 + 10 and train_x.untyped_storage().data_ptr() == splits[1][0][4].untyped_storage().data_ptr()
+    assert len(memory) == 64 + 10
+    assert train_x.untyped_storage().data_ptr() == splits[1][0][4].untyped_storage().data_ptr()
     subset = O.evaluate(run, train_x[memory], train_y[memory], test_x, test_y)
     assert subset == report
 
@@ -1343,10 +1350,10 @@ O.decode_image = lambda *a, **k: calls.append(time.sleep(0.05)) or real(*a, **k)
 O.main(sys.argv[1:])
 print(f"decoded {{len(calls)}} images")
 """)
-    results = two_processes(tmp_path, "--dataset", "imagefolder", "--data-dir", str(tmp_path / "folder"), "--width", "4",
-                            "--proj-hidden", "16", "--proj-dim", "8", "--batch-size", "4", "--bank-size", "16", "--k",
-                            "2", "--epochs", "1", "--max-steps", "1", "--eval-every", "0", "--out", str(tmp_path / "run"),
-                            driver=str(driver))
+    results = two_processes(tmp_path, "--dataset", "imagefolder", "--data-dir", str(tmp_path / "folder"),
+                            "--width", "4", "--proj-hidden", "16", "--proj-dim", "8", "--batch-size", "4",
+                            "--bank-size", "16", "--k", "2", "--epochs", "1", "--max-steps", "1", "--eval-every", "0",
+                            "--out", str(tmp_path / "run"), driver=str(driver))
     assert all(code == 0 for code, _, _ in results), [err[-2000:] for _, _, err in results]
     assert [out.splitlines()[-1] for _, out, _ in results] == ["decoded 72 images", "decoded 0 images"]
     said = "".join(out for _, out, _ in results)
