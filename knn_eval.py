@@ -15,6 +15,7 @@ Results are written to eval.json beside the checkpoint.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -217,7 +218,7 @@ def main(argv=None):
         cfg.dataset = args.dataset or cfg.dataset
         cfg.data_dir = args.data_dir or cfg.data_dir
         cfg.train_limit, cfg.test_limit = args.train_limit, args.test_limit
-        check = lambda y, c: osessl.load_checkpoint(cfg, y, c, ck)  # before any image is decoded
+        check = functools.partial(osessl.load_checkpoint, cfg, ck=ck)  # before any image is decoded
         train_x, train_y, test_x, test_y, num_classes = osessl.load_data(cfg, check)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         mean, std = (t.to(device) for t in osessl.channel_stats(train_x))

@@ -54,7 +54,7 @@ CHECKPOINT_FORMAT = 1
 #   h    backbone features f(x), (., e): what ReSA's Sinkhorn compares (they cluster better than z)
 #   z    embeddings norm(g(f(x))), (., d), unit length: what every loss compares
 #   _m   the momentum network's (the paper's prime): z_weak_m is z'_1; no gradient ever reaches it
-#   weak, strong, mix: the paper's views 1 and 2 and the mixup image (METHOD.md's subscript m); z_ex: z_l
+#   weak, strong, mix: the paper's views 1 and 2 and the mixup image (the paper's subscript m); z_ex: z_l
 #   c    prototypes (C, d); p, p_m: student and teacher soft assignments to them
 
 
@@ -1267,7 +1267,7 @@ def train(cfg, rank=0, world=1, device=None, node=(0, 1)):
     Bg, ck = cfg.batch_size * world, read_checkpoint(cfg.resume) if cfg.resume else None
     if ck is not None:  # checked before any data is decoded or written
         check_resume(cfg, ck, world, rank)
-    check = (lambda y, c: load_checkpoint(cfg, y, c, ck)) if ck is not None else None
+    check = partial(load_checkpoint, cfg, ck=ck) if ck is not None else None
     train_x, train_y, test_x, test_y, num_classes = load_data(cfg, check, node)
     cfg = settle(cfg, train_x.shape[-1])
     no_exemplars = torch.zeros(0, dtype=torch.long)  # ReSA (lambda = mu = 0) trains on every image, as ReSA does
@@ -1348,7 +1348,6 @@ def train(cfg, rank=0, world=1, device=None, node=(0, 1)):
     last, size = min(cfg.max_steps or total, total), train_x.shape[-1]
     with Preemption(world) as stop:
         t_epoch, t_print, seen, first_bad, perm = time.time(), time.time(), 0, None, None
-        never = torch.iinfo(torch.long).max
         while step < last:
             epoch, i = divmod(step, steps_per_epoch)
             if i == 0 or perm is None:
@@ -1361,7 +1360,7 @@ def train(cfg, rank=0, world=1, device=None, node=(0, 1)):
             losses = training_step(run, *run.augment(run, images, rnd), ids, rnd, lr_at(step), m_at(step))
             # first step at which each term went non-finite, kept on the device (checked once per epoch)
             finite = torch.stack([v.isfinite() for v in losses.values()])
-            first_bad = torch.full_like(finite, never, dtype=torch.long) if first_bad is None else first_bad
+            first_bad = torch.full_like(finite, NEVER, dtype=torch.long) if first_bad is None else first_bad
             first_bad = torch.where(finite, first_bad, first_bad.clamp(max=step))
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0) + v
@@ -1420,12 +1419,15 @@ class Interrupted(Exception):
         self.code = code
 
 
+NEVER = torch.iinfo(torch.long).max  # first_bad's "no non-finite step yet"
+
+
 def check_finite(first_bad, names, out):
     """Stop (exit 3) at the first non-finite loss term of any process: the steps are agreed over the
     processes (one all-reduce), so that all stop here together instead of waiting for each other."""
     if dist.is_initialized():
         dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
-    hits = [(s, n) for s, n in zip(first_bad.tolist(), names) if s < torch.iinfo(torch.long).max]
+    hits = [(s, n) for s, n in zip(first_bad.tolist(), names) if s < NEVER]
     if hits:
         s = min(s for s, _ in hits)
         terms = ", ".join(n for t, n in hits if t == s)
