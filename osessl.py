@@ -833,21 +833,9 @@ def augment(images, p, mean, std, strong):
     return (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
 
 
-def sample_beta(n, zeta, g, tries=8):
-    """Beta(zeta, zeta) from the step generator: Gamma ratios by Marsaglia-Tsang with a fixed number
-    of vectorised proposals (acceptance >= 0.95 each, so all failing has probability < 1e-10)."""
-    def gamma(a):
-        boost = a < 1  # Gamma(a) = Gamma(a + 1) * U^(1/a)
-        d = (a + 1 if boost else a) - 1 / 3
-        c = 1 / math.sqrt(9 * d)
-        x = torch.randn(n, tries, generator=g, device=g.device)
-        u = torch.rand(n, tries, generator=g, device=g.device)
-        v = (1 + c * x) ** 3
-        ok = (v > 0) & (u.log() < 0.5 * x * x + d - d * v + d * v.clamp_min(1e-12).log())
-        pick = ok.int().argmax(1, keepdim=True)
-        out = torch.where(ok.any(1), d * v.gather(1, pick).squeeze(1), torch.full((n,), d, device=g.device))
-        return out * torch.rand(n, generator=g, device=g.device) ** (1 / a) if boost else out
-    a, b = gamma(zeta), gamma(zeta)
+def sample_beta(n, zeta, g):
+    """Beta(zeta, zeta) from the step generator, as the ratio of two Gamma(zeta) draws: a / (a + b)."""
+    a, b = (torch._standard_gamma(torch.full((n,), float(zeta), device=g.device), generator=g) for _ in range(2))
     return a / (a + b)
 
 
@@ -1346,7 +1334,7 @@ def train(cfg, rank=0, world=1, device=None, node=(0, 1)):
     train_y, test_y, u_store = train_y.to(device), test_y.to(device), u_idx.to(store)
     to_device = lambda t: (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
     last, size = min(cfg.max_steps or total, total), train_x.shape[-1]
-    with Preemption(world) as stop:
+    with Preemption() as stop:
         t_epoch, t_print, seen, first_bad, perm = time.time(), time.time(), 0, None, None
         while step < last:
             epoch, i = divmod(step, steps_per_epoch)
@@ -1369,7 +1357,7 @@ def train(cfg, rank=0, world=1, device=None, node=(0, 1)):
                 t_print = time.time()
                 rate = seen / (time.time() - t_epoch)
                 print(f"  epoch {epoch + 1} step {i + 1}/{steps_per_epoch} | {rate:.0f} img/s", flush=True)
-            interrupted = stop.requested(step)
+            interrupted = stop.requested(step, world)
             if step % steps_per_epoch and step != last and not interrupted:
                 continue
             check_finite(first_bad, list(losses), out)  # before saving: the last good checkpoint stays
@@ -1447,27 +1435,21 @@ def agree(value):
 class Preemption:
     """SIGTERM or Ctrl-C sets a flag; the loop then saves a checkpoint and exits. Under DDP the
     flag is agreed on every 10 steps (one tiny all-reduce), so all processes stop at the same step."""
-
-    def __init__(self, world):
-        self.world, self.signum = world, 0
-        self.previous = {sig: signal.signal(sig, self._handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-    def _handler(self, signum, frame):
-        self.signum = signum
-
-    def requested(self, step):
-        if self.world > 1:
-            if step % 10:
-                return False
-            self.signum = agree(self.signum)
-        return self.signum != 0
+    signum = 0
 
     def __enter__(self):
+        handler = lambda signum, frame: setattr(self, "signum", signum)
+        self.previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
         return self
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+    def requested(self, step, world):
+        if world > 1 and step % 10 == 0:
+            self.signum = agree(self.signum)
+        return self.signum != 0 and (world == 1 or step % 10 == 0)
 
 
 # ============ 11. Entry point: one process, or one per GPU under torchrun (nanoGPT style) ============
