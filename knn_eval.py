@@ -1,12 +1,13 @@
 """knn_eval.py: evaluation of an osessl checkpoint, and the results table of several runs.
 
-Protocols, always reported by name, on the momentum encoder's unnormalised 512-d features of the
-un-augmented images (eval-mode BatchNorm), all training images as memory and probe set:
+Protocols, always reported by name, on the momentum encoder's unnormalised features h (512-d at
+width 64) of the un-augmented images (eval-mode BatchNorm), all training images as memory and probe set:
   - ReSA's: 5-NN majority vote, Euclidean distance (osessl.knn_accuracy, also run during training);
   - weighted cosine k-NN (InstDisc/DINO style), k = 20 and 200, T = 0.07;
   - with --linear, ReSA's linear probe (raw features, Adam 1e-2 decayed to 1e-6 over 500 epochs);
   - one-shot classification: each test image to its nearest exemplar embedding, and to its nearest
-    grounded prototype, using only the C exemplar labels.
+    grounded prototype, using only the C exemplar labels;
+  - references, never results (they read every training label): nearest class mean, in h and in z.
 Results are written to eval.json beside the checkpoint.
 
   python knn_eval.py --checkpoint runs/.../last.pt --dataset imagefolder --data-dir data/cifar100 --linear
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import osessl
-from osessl import UsageError, embed, extract_features, knn_report
+from osessl import UsageError, extract_features, knn_report
 
 PROTOCOLS = {
     "knn5": "ReSA 5-NN majority vote, Euclidean, momentum encoder",
@@ -36,6 +37,11 @@ PROTOCOLS = {
     "linear": "linear probe, ReSA's protocol (raw features, 500 epochs), momentum encoder",
     "oneshot_exemplar": "one-shot: nearest exemplar embedding (cosine, momentum net)",
     "oneshot_prototype": "one-shot: nearest grounded prototype (cosine, momentum net)",
+}
+# references, never results: they read every training label (how far a one-shot classifier could go)
+REFERENCES = {
+    "oracle_ncm_h": "reference, all labels: nearest class mean (cosine), features h",
+    "oracle_ncm_z": "reference, all labels: nearest class mean (cosine), embeddings z",
 }
 # protocols no longer run, still read by --summarize: results/ runs evaluated before 2026-11-25 had a
 # linear probe on standardised features (Adam 1e-3, cosine schedule, 100 epochs)
@@ -81,6 +87,26 @@ def one_shot(test_z, test_y, exemplar_z, prototypes=None):
     return res
 
 
+@torch.no_grad()
+def nearest_class_mean(train_f, train_y, test_f, test_y, num_classes):
+    """Accuracy (%) of assigning each test feature to the most similar (cosine) mean of a class's
+    normalised training features: a one-shot classifier's ceiling-like reference, as it reads the label
+    of every training image (here, never in training)."""
+    train_f, test_f = F.normalize(train_f.float(), dim=1), F.normalize(test_f.float(), dim=1)
+    means = torch.zeros(num_classes, train_f.shape[1], device=train_f.device).index_add_(0, train_y, train_f)
+    return ((test_f @ F.normalize(means, dim=1).T).argmax(1) == test_y).float().mean().item() * 100
+
+
+@torch.no_grad()
+def project(net, h):
+    """z = norm(g(h)) of backbone features h (N, e) through a Network's projector, eval-mode BatchNorm."""
+    was_training = net.training
+    net.eval()
+    z = F.normalize(torch.cat([net.projector(chunk) for chunk in h.split(4096)]).float(), dim=1)
+    net.train(was_training)
+    return z
+
+
 def read_run(d):
     """A run directory's config.json, metrics.jsonl and eval.json (JSON only: nothing read here can run
     code). Its final figures say where they come from: knn_eval.py's eval.json (all training images as
@@ -117,6 +143,11 @@ def summarize(run_dirs, plot=None):
     setting (--exemplar-select / --exemplar-bn, one row each); optionally a plot of
     5-NN accuracy, neighbour precision and assignment entropies against epoch."""
     import statistics
+    if plot:
+        try:
+            import matplotlib
+        except ImportError:
+            raise UsageError("--plot needs matplotlib: pip install matplotlib (or leave out --plot)") from None
     runs = []
     timing = ("seconds", "images_per_s")
     for r in map(read_run, run_dirs):
@@ -152,10 +183,6 @@ def summarize(run_dirs, plot=None):
     print("from: knn_eval = knn_eval.py's eval.json (memory and probe set: all training images); in-training = "
           "the run's last in-training evaluation (memory: the training images in use, test subset if limited)")
     if plot:
-        try:
-            import matplotlib
-        except ImportError:
-            raise UsageError("--plot needs matplotlib: pip install matplotlib (or leave out --plot)") from None
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         # accuracy, and the diagnostics that explain it: neighbour precision and assignment entropies
@@ -246,7 +273,9 @@ def main(argv=None):
         if args.linear:
             res["linear"] = linear_probe(train_f, train_y, test_f, test_y, num_classes,
                                          log=lambda epoch: say(f"linear probe: epoch {epoch}/500"))
-        test_z, ex_z = (embed(net, x, mean, std) for x in (test_x, exemplar_x))
+        train_z, test_z, ex_z = (project(net, h) for h in (train_f, test_f, feats(net.encoder, exemplar_x)))
+        res["oracle_ncm_h"] = nearest_class_mean(train_f, train_y, test_f, test_y, num_classes)
+        res["oracle_ncm_z"] = nearest_class_mean(train_z, train_y, test_z, test_y, num_classes)
         bank = bank.to(device)
         valid, protos = bank.valid(), None  # without a filled bank a "prototype" is the exemplar alone: not reported
         if valid.any():
@@ -257,9 +286,12 @@ def main(argv=None):
         sys.exit(2)
     print(f"{args.checkpoint}: step {ck['step']} (epoch {ck.get('epoch')}), {cfg.dataset}, "
           f"{len(train_x)} train / {len(test_x)} test images")
-    print(f"{'protocol':<62} top-1 %")
+    names = {**PROTOCOLS, **REFERENCES}
+    width = max(map(len, names.values()))
+    res = {key: round(res[key], 2) for key in names if key in res}  # results first, then references
+    print(f"{'protocol':<{width}} top-1 %")
     for key, acc in res.items():
-        print(f"{PROTOCOLS[key]:<62} {acc:6.2f}")
+        print(f"{names[key]:<{width}} {acc:7.2f}")
     with open(os.path.join(os.path.dirname(args.checkpoint), "eval.json"), "w") as f:
         json.dump(dict(res, step=ck["step"], test_images=len(test_x), train_images=len(train_x)), f, indent=1)
     return res

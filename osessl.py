@@ -948,6 +948,10 @@ RUN_CONTROL = ("out", "overwrite", "resume", "max_steps", "keep_every", "compile
                "memory_format")
 
 
+# settings that fix the shapes of what a checkpoint holds (networks, memory bank): a resumed run keeps them
+SHAPES = ("width", "proj_hidden", "proj_dim", "stem", "bank_size")
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block
         print(f"error: {message} (see python osessl.py --help)", file=sys.stderr)
@@ -970,6 +974,11 @@ def parse_config(argv=None) -> Config:
     if cfg.resume:  # the run's own settings, except those given on this command line
         given = vars(build_parser(defaults=False).parse_args(argv))
         saved = {k: v for k, v in read_checkpoint(cfg.resume)["config"].items() if k not in RUN_CONTROL}
+        for name in set(SHAPES) & set(given):  # the saved tensors have these sizes
+            if given[name] != saved.get(name, given[name]):
+                flag = "--" + name.replace("_", "-")
+                raise UsageError(f"{cfg.resume} has {flag} {saved[name]}, this run {flag} {given[name]}: drop {flag} "
+                                 f"or set it to {saved[name]}")
         cfg = Config(**{**asdict(cfg), **saved, **given})
     check_config(cfg)
     return cfg
@@ -1094,6 +1103,8 @@ def prepare_run_dir(cfg, method):
 def read_checkpoint(path):
     """An osessl checkpoint, loaded as tensors and plain data only (weights_only: a crafted file never
     runs code here), its settings checked as a Config; the parts are checked when loaded (load_parts)."""
+    if os.path.isdir(path):
+        raise UsageError(f"{path} is a folder, not a checkpoint: give the checkpoint in it, such as {os.path.join(path, 'last.pt')}")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -1275,6 +1286,7 @@ def train(cfg, rank=0, world=1, device=None, node=(0, 1)):
                          f"exemplars, so use at most {num_classes} processes")
     method = "osessl" if cfg.uses_exemplars else "resa"
     out = prepare_run_dir(cfg, method)
+    cfg = replace(cfg, out=out)  # config.json and checkpoints record the folder used
 
     # Images live on the device when they fit (--data-on), else in pinned host memory, each step's
     # batch then copied over; the only label tensor the step sees feeds a logged diagnostic.

@@ -1613,3 +1613,60 @@ def test_readme_example_runs_and_gives_the_same_L_in_a_process_group(tmp_path):
                                           alone):
         assert code == 0, err
         assert out == expected
+
+
+# ---------------- a newcomer's first hour: errors that name the fix, small things ----------------
+def test_resume_names_an_architecture_setting_that_differs(tmp_path, capsys):
+    """Resuming with another --width (or any setting that fixes a saved tensor's size) names the setting
+    and both values instead of a state_dict size mismatch; the checkpoint is untouched."""
+    out = O.train(tiny_config(tmp_path, "--max-steps", "1"))
+    last = os.path.join(out, "last.pt")
+    before = open(last, "rb").read()
+    for flag, value, saved in (("--width", "16", "8"), ("--proj-dim", "16", "32"), ("--bank-size", "256", "128")):
+        err = one_line_exit_2(O.main, ["--resume", last, flag, value], capsys)
+        assert f"has {flag} {saved}, this run {flag} {value}: drop {flag} or set it to {saved}" in err, err
+    assert open(last, "rb").read() == before
+    assert json.load(open(os.path.join(out, "config.json")))["out"] == out  # the folder used, not ""
+
+
+def test_a_run_folder_given_as_checkpoint_names_the_file(tmp_path, capsys):
+    out = O.train(tiny_config(tmp_path, "--max-steps", "1"))
+    for fn, argv in ((knn_eval.main, ["--checkpoint", out]), (O.main, ["--resume", out])):
+        err = one_line_exit_2(fn, argv, capsys)
+        assert "is a folder, not a checkpoint" in err and os.path.join(out, "last.pt") in err, err
+
+
+def test_plot_without_matplotlib_fails_before_the_table(tmp_path, capsys, monkeypatch):
+    out = O.train(tiny_config(tmp_path, "--eval-every", "0"))
+    capsys.readouterr()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    with pytest.raises(SystemExit) as e:
+        knn_eval.main(["--summarize", out, "--plot", str(tmp_path / "p.png")])
+    captured = capsys.readouterr()
+    assert e.value.code == 2 and captured.out == "" and "--plot needs matplotlib" in captured.err
+
+
+def test_eval_json_is_rounded_and_the_oracle_is_a_labelled_reference(tmp_path, capsys):
+    """eval.json holds two decimals; the nearest-class-mean oracle, which reads every training label, is
+    printed and saved as a reference (never among the protocols that --summarize compares), in h and z;
+    the printed table is aligned."""
+    out = O.train(tiny_config(tmp_path, "--eval-every", "0"))
+    capsys.readouterr()
+    knn_eval.main(["--checkpoint", os.path.join(out, "last.pt")])
+    text = capsys.readouterr().out
+    ev = json.load(open(os.path.join(out, "eval.json")))
+    assert {"oracle_ncm_h", "oracle_ncm_z"} <= set(ev) and not set(knn_eval.REFERENCES) & set(knn_eval.PROTOCOLS)
+    assert all(round(v, 2) == v for k, v in ev.items() if k in knn_eval.PROTOCOLS or k in knn_eval.REFERENCES)
+    rows = [line for line in text.splitlines() if line.rstrip().endswith(tuple("0123456789")) and "%" not in line
+            and ("protocol" in line or any(name in line for name in {**knn_eval.PROTOCOLS, **knn_eval.REFERENCES}
+                                           .values()))]
+    assert len(rows) == 7 and len({len(r) for r in rows}) == 1, rows  # 5 protocols + 2 references, one width
+
+
+def test_nearest_class_mean_reads_the_class_means():
+    """Each test point goes to the class whose mean training direction is the closest (cosine): here the
+    class means are the two axes, and a point nearer one axis takes its class."""
+    train_f = torch.tensor([[1.0, 0.1], [1.0, -0.1], [0.1, 1.0], [-0.1, 1.0]])
+    train_y = torch.tensor([0, 0, 1, 1])
+    test_f, test_y = torch.tensor([[2.0, 0.5], [0.3, 1.0], [1.0, 0.9]]), torch.tensor([0, 1, 1])
+    assert knn_eval.nearest_class_mean(train_f, train_y, test_f, test_y, 2) == pytest.approx(200 / 3)
