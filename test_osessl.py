@@ -1670,3 +1670,21 @@ def test_nearest_class_mean_reads_the_class_means():
     train_y = torch.tensor([0, 0, 1, 1])
     test_f, test_y = torch.tensor([[2.0, 0.5], [0.3, 1.0], [1.0, 0.9]]), torch.tensor([0, 1, 1])
     assert knn_eval.nearest_class_mean(train_f, train_y, test_f, test_y, 2) == pytest.approx(200 / 3)
+
+
+def test_notebook_setup_reads_paths_from_where_the_user_stands(tmp_path):
+    """notebooks/common.py: a relative OSESSL_CHECKPOINT is read from the user's folder ($PWD, kept by
+    Jupyter), not from notebooks/; a missing one is one line naming OSESSL_CHECKPOINT and the recipe."""
+    O.train(O.parse_config(TINY + ["--epochs", "1", "--eval-every", "0", "--out", str(tmp_path / "runs" / "a")]))
+    env = dict(os.environ, PWD=str(tmp_path), OMP_NUM_THREADS="1")
+    env.pop("OSESSL_FAST", None)
+    setup = lambda checkpoint: subprocess.run(
+        [sys.executable, "-c", "import common; print(common.describe_run())"], cwd=os.path.join(HERE, "notebooks"),
+        env=dict(env, OSESSL_CHECKPOINT=checkpoint), capture_output=True, text=True, timeout=300)
+    found = setup(os.path.join("runs", "a", "last.pt"))
+    assert found.returncode == 0 and f"checkpoint {tmp_path}/runs/a/last.pt: step 9 (epoch 1 of 1), synthetic" in found.stdout, found.stderr[-2000:]
+    missing = setup(os.path.join("runs", "b", "last.pt"))
+    err = missing.stderr.strip()
+    assert missing.returncode == 1 and len(err.splitlines()) == 1, err
+    assert f"no checkpoint at {tmp_path / 'runs' / 'b' / 'last.pt'}: set OSESSL_CHECKPOINT" in err
+    assert "--keep-every 3" in err and "--out runs/cpu-recipe/osessl-s0" in err
