@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import osessl
-from osessl import UsageError, extract_features, knn_report
+from osessl import UsageError, extract_features, knn_report, project
 
 PROTOCOLS = {
     "knn5": "ReSA 5-NN majority vote, Euclidean, momentum encoder",
@@ -95,16 +95,6 @@ def nearest_class_mean(train_f, train_y, test_f, test_y, num_classes):
     train_f, test_f = F.normalize(train_f.float(), dim=1), F.normalize(test_f.float(), dim=1)
     means = torch.zeros(num_classes, train_f.shape[1], device=train_f.device).index_add_(0, train_y, train_f)
     return ((test_f @ F.normalize(means, dim=1).T).argmax(1) == test_y).float().mean().item() * 100
-
-
-@torch.no_grad()
-def project(net, h):
-    """z = norm(g(h)) of backbone features h (N, e) through a Network's projector, eval-mode BatchNorm."""
-    was_training = net.training
-    net.eval()
-    z = F.normalize(torch.cat([net.projector(chunk) for chunk in h.split(4096)]).float(), dim=1)
-    net.train(was_training)
-    return z
 
 
 def read_run(d):
@@ -252,12 +242,12 @@ def main(argv=None):
         exemplars = ck["exemplars"]
         if not len(exemplars):  # a ReSA run has none: one-shot evaluation draws them as an OSESSL run would
             exemplars = osessl.select_exemplars(cfg, train_y, num_classes)
-        exemplar_x = train_x[exemplars]
+        exemplar_x, full_x, full_y = train_x[exemplars], train_x, train_y  # the bank's ids index the full split
         if cfg.train_limit and cfg.train_limit < len(train_x):
             keep = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.train_limit]
             train_x, train_y = train_x[keep], train_y[keep]
         net = osessl.Network(cfg.width, cfg.proj_hidden, cfg.proj_dim, cfg.stem)
-        bank = osessl.MemoryBank(cfg.bank_size, cfg.proj_dim)
+        bank = osessl.memory_bank(cfg)
         osessl.load_parts(args.checkpoint, ck, dict(momentum=net, bank=bank))  # only what this program reads
         net = net.to(device)
         feats = lambda m, x: extract_features(m, x, mean, std)  # host images, device chunks
@@ -273,14 +263,18 @@ def main(argv=None):
         if args.linear:
             res["linear"] = linear_probe(train_f, train_y, test_f, test_y, num_classes,
                                          log=lambda epoch: say(f"linear probe: epoch {epoch}/500"))
-        train_z, test_z, ex_z = (project(net, h) for h in (train_f, test_f, feats(net.encoder, exemplar_x)))
+        ex_h = feats(net.encoder, exemplar_x)
+        train_z, test_z, ex_z = (project(net, h) for h in (train_f, test_f, ex_h))
         res["oracle_ncm_h"] = nearest_class_mean(train_f, train_y, test_f, test_y, num_classes)
         res["oracle_ncm_z"] = nearest_class_mean(train_z, train_y, test_z, test_y, num_classes)
         bank = bank.to(device)
         valid, protos = bank.valid(), None  # without a filled bank a "prototype" is the exemplar alone: not reported
-        if valid.any():
-            protos = osessl.build_prototypes(ex_z, bank.feats, valid, cfg.k, cfg.alpha, cfg.tau_w)[0]
+        if valid.any():  # chosen as the run chose them: in z, or in h (--select-space encoding)
+            in_h = dict(select_by=F.normalize(ex_h, dim=1), select_feats=bank.select) if bank.select is not None else {}
+            protos = osessl.build_prototypes(ex_z, bank.feats, valid, cfg.k, cfg.alpha, cfg.tau_w, **in_h)[0]
         res.update(one_shot(test_z, test_y, ex_z, protos))
+        diagnostics = osessl.precision_by_space(net, full_x, full_y.to(device), bank, exemplar_x, mean, std, cfg.k,
+                                                cfg.alpha)  # labels training never reads; empty for ReSA
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -292,8 +286,12 @@ def main(argv=None):
     print(f"{'protocol':<{width}} top-1 %")
     for key, acc in res.items():
         print(f"{names[key]:<{width}} {acc:7.2f}")
+    diagnostics = {k: round(v, 3) for k, v in diagnostics.items()}
+    for key, value in diagnostics.items():  # the exemplars' neighbours among the bank's images, chosen in h or z
+        print(f"{'diagnostic: neighbour precision in ' + key[-1]:<{width}} {value:7.3f}")
     with open(os.path.join(os.path.dirname(args.checkpoint), "eval.json"), "w") as f:
-        json.dump(dict(res, step=ck["step"], test_images=len(test_x), train_images=len(train_x)), f, indent=1)
+        json.dump(dict(res, **diagnostics, step=ck["step"], test_images=len(test_x), train_images=len(train_x)), f,
+                  indent=1)
     return res
 
 

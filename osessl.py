@@ -93,22 +93,27 @@ def resa_loss(z_weak, z_strong, z_weak_m, z_strong_m, A, temperature=0.4):
 class MemoryBank(nn.Module):
     """M: a FIFO queue of the last K momentum embeddings z_weak_m of unlabeled images, feats (K, d).
     `ids` records which training image each slot holds (for the neighbour-precision diagnostic only).
-    Pointer and fill count are buffers, saved and loaded with the state_dict."""
+    select_dim > 0 (--select-space encoding): it also keeps their normalised backbone features h_weak_m,
+    select (K, e), which then choose the neighbours. Pointer and fill count are buffers, saved and loaded
+    with the state_dict."""
 
-    def __init__(self, size, dim, device=None):
+    def __init__(self, size, dim, device=None, select_dim=0):
         super().__init__()
         self.register_buffer("feats", torch.zeros(size, dim, device=device))
         self.register_buffer("ids", torch.full((size,), -1, dtype=torch.long, device=device))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long, device=device))
+        self.register_buffer("select", torch.zeros(size, select_dim, device=device) if select_dim else None)
 
     @torch.no_grad()
-    def enqueue(self, feats, ids=None):
+    def enqueue(self, feats, ids=None, select=None):
         K = len(self.feats)
         slots = (self.ptr + torch.arange(len(feats), device=feats.device)) % K
         self.feats[slots] = feats
         if ids is not None:
             self.ids[slots] = ids
+        if select is not None:
+            self.select[slots] = select
         self.ptr.copy_((self.ptr + len(feats)) % K)
         self.filled.copy_((self.filled + len(feats)).clamp(max=K))
 
@@ -132,18 +137,20 @@ def discriminative_scores(feats, exemplars, alpha=0.75):
     return alpha * sim - (1 - alpha) * other
 
 
-def build_prototypes(z_ex, feats, valid, k=8, alpha=0.75, tau_w=1.0, select_by=None):
+def build_prototypes(z_ex, feats, valid, k=8, alpha=0.75, tau_w=1.0, select_by=None, select_feats=None):
     """The prototype of class c: c^c = norm(sum_j pi^(c,j) q^(c,j)) over P^c = {z_l^c} U S_c, S_c the
     top-k bank entries by s(c, .), with soft weights pi^(c,.) = softmax_j(<z_l^c, q^(c,j)> / tau_w).
     z_ex: (C, d) online exemplar embeddings z_l, with gradient (it reaches the network through the
     weights and as a member); feats: (K, d) bank entries, no gradient; valid: (K,) bool, the filled
     slots (the others get weight 0); select_by: (C, d) other exemplar embeddings that score the bank
-    instead (--exemplar-select momentum), for the choice only. The top-k choice is discrete and passes
-    no gradient. Returns prototypes (C, d), neighbour indices (C, k), weights (C, k + 1) (column 0: z_l)."""
+    instead (--exemplar-select momentum), for the choice only; select_feats (K, e): other features of the
+    same entries that select_by (then (C, e)) scores instead of feats (--select-space encoding: both
+    normalised backbone features h). The top-k choice is discrete and passes no gradient. Returns
+    prototypes (C, d), neighbour indices (C, k), weights (C, k + 1) (column 0: z_l)."""
     if k > len(feats):
         raise ValueError(f"k = {k} neighbours per exemplar is more than the memory bank's {len(feats)} entries")
-    key = z_ex if select_by is None else select_by
-    scores = discriminative_scores(feats, key.detach(), alpha).masked_fill(~valid[None], float("-inf"))
+    key, entries = z_ex if select_by is None else select_by, feats if select_feats is None else select_feats
+    scores = discriminative_scores(entries, key.detach(), alpha).masked_fill(~valid[None], float("-inf"))
     top, idx = scores.topk(k, dim=1)                           # a discrete choice: no gradient
     members = torch.cat([z_ex[:, None], feats[idx]], 1)        # (C, k + 1, d)
     logits = (z_ex[:, None] * members).sum(-1) / tau_w
@@ -224,15 +231,17 @@ def mix_instance_loss(z_mix, keys, target, temperature=0.4):
 def osessl_loss(z_weak, z_strong, h_weak, z_weak_m, z_strong_m, h_weak_m, z_ex=None, bank=None, bank_valid=None,
                 select_by=None, z_mix=None, beta=None, partner=None, first_row=0, lambda_proto=1.0, mu_mix=1.0, k=8,
                 alpha=0.75, tau_w=1.0, tau_s=0.1, tau_t=0.04, resa_temp=0.4, sinkhorn_eps=0.05, sinkhorn_iters=3,
-                dispersion="mean", all_reduce=None):
+                dispersion="mean", all_reduce=None, bank_select=None):
     """L = L_resa + lambda (L_align + L_disp) + mu (L_mix_proto + L_mix_ins), from embeddings alone.
     Online network, this process's B images, with gradient: z_weak, z_strong (B, d), h_weak (B, e).
     Momentum network, the global batch (this process's rows from first_row): z_weak_m, z_strong_m (B_g, d),
     h_weak_m (B_g, e). Without z_ex, L is ReSA's. z_ex (C, d): the exemplars' online embeddings (row c:
     class c), with gradient; select_by (C, d): others that choose their neighbours (default z_ex); bank
-    (K, d), bank_valid (K,): the memory bank's entries and filled slots. z_mix (B, d): online embeddings of
-    x_mix,i = beta_i x_weak,i + (1 - beta_i) x_strong,partner_i (beta, partner: (B,); partner indexes
-    the global batch). all_reduce: see sinkhorn. Returns L, its terms (detached; with the entropies of the
+    (K, d), bank_valid (K,): the memory bank's entries and filled slots; bank_select (K, e): the entries'
+    normalised backbone features, scored by select_by (then the exemplars' normalised h, (C, e)) to choose
+    the neighbours (--select-space encoding). z_mix (B, d): online embeddings of x_mix,i = beta_i x_weak,i
+    + (1 - beta_i) x_strong,partner_i (beta, partner: (B,); partner indexes the global batch).
+    all_reduce: see sinkhorn. Returns L, its terms (detached; with the entropies of the
     teacher assignments, a diagnostic) and the chosen neighbours (C, k) (None without exemplars).
     Under DDP: the momentum outputs all-gathered in rank order, the same B on every process, first_row =
     rank x B, the same z_ex (all C rows) and bank on every process, and all_reduce=torch.distributed.all_reduce."""
@@ -248,7 +257,7 @@ def osessl_loss(z_weak, z_strong, h_weak, z_weak_m, z_strong_m, h_weak_m, z_ex=N
     terms = {"resa": resa_loss(z_weak, z_strong, z_weak_m, z_strong_m, A, resa_temp)}
     loss, nbr, mine = terms["resa"], None, slice(first_row, first_row + B)
     if z_ex is not None:
-        c, nbr, _ = build_prototypes(z_ex, bank, bank_valid, k, alpha, tau_w, select_by)
+        c, nbr, _ = build_prototypes(z_ex, bank, bank_valid, k, alpha, tau_w, select_by, bank_select)
         with torch.no_grad():  # teacher assignments of the global batch against sg(c)
             p_weak_m, p_strong_m = assign(z_weak_m, c, tau_t), assign(z_strong_m, c, tau_t)
             entropy = lambda p: -(p * p.clamp_min(1e-12).log()).sum(-1)  # nats; log C = uniform
@@ -273,8 +282,8 @@ def objective(run, x_weak, x_strong, ids, rnd):
     is the weak view of i and the strong view of its partner anywhere in the global batch; both networks
     forward every view separately (the exemplars alone or with the weak views: --exemplar-bn), the
     momentum outputs are gathered over the processes, and osessl_loss computes L. ids: the global
-    batch's sample ids (training_step enqueues them). Returns L, its terms and z_weak_m of the global batch
-    (the bank's next entries)."""
+    batch's sample ids (training_step enqueues them). Returns L, its terms and the bank's next entries:
+    z_weak_m of the global batch (--select-space encoding: with their normalised h_weak_m, a pair)."""
     cfg, B = run.cfg, len(x_weak)
     rows, views, x_ex, mix = slice(run.rank * B, (run.rank + 1) * B), [x_weak, x_strong], None, {}
     if cfg.mu_mix > 0:
@@ -286,27 +295,32 @@ def objective(run, x_weak, x_strong, ids, rnd):
         x_ex = run.to_net(augment(run.exemplar_images[mine], {k: v[mine] for k, v in rnd.exemplar.items()},
                                   run.mean, run.std, strong=False))
     joint, by_momentum = cfg.exemplar_bn == "joint", cfg.exemplar_select == "momentum"
+    in_h = cfg.select_space == "encoding"  # the neighbours chosen by backbone features, not embeddings
     with torch.no_grad(), run.autocast():
-        h_weak_m, (z_weak_m, z_strong_m), z_ex_m = forward_views(run.momentum_net, [x_weak, x_strong],
-                                                                 x_ex if by_momentum else None, joint)
+        h_weak_m, (z_weak_m, z_strong_m), z_ex_m, h_ex_m = forward_views(
+            run.momentum_net, [x_weak, x_strong], x_ex if by_momentum else None, joint, in_h)
     h_weak_m, z_weak_m, z_strong_m = gather(h_weak_m), gather(z_weak_m), gather(z_strong_m)
     with run.autocast():
-        h_weak, (z_weak, z_strong, *z_mix), z_ex = forward_views(run.online, views, x_ex, joint)
-    exemplars = {} if x_ex is None else dict(
-        z_ex=all_exemplars(run, z_ex), bank=run.bank.feats, bank_valid=run.bank.valid(),
-        select_by=all_exemplars(run, z_ex_m) if by_momentum else None)
+        h_weak, (z_weak, z_strong, *z_mix), z_ex, h_ex = forward_views(run.online, views, x_ex, joint,
+                                                                       in_h and not by_momentum)
+    exemplars = {}
+    if x_ex is not None:  # which exemplar vectors choose the neighbours: --exemplar-select, --select-space
+        select_by = F.normalize(h_ex_m if by_momentum else h_ex, dim=-1) if in_h else z_ex_m if by_momentum else None
+        exemplars = dict(z_ex=all_exemplars(run, z_ex), bank=run.bank.feats, bank_valid=run.bank.valid(),
+                         select_by=None if select_by is None else all_exemplars(run, select_by),
+                         bank_select=run.bank.select)
     loss, terms, nbr = osessl_loss(z_weak, z_strong, h_weak, z_weak_m, z_strong_m, h_weak_m, **exemplars,
                                    z_mix=z_mix[0] if z_mix else None, **mix, first_row=run.rank * B,
                                    **run.loss_settings, all_reduce=run.all_reduce)
     if nbr is not None:
         terms["nbr_precision"] = neighbour_precision(nbr, run.bank, run.labels)
-    return loss, terms, z_weak_m
+    return loss, terms, (z_weak_m, F.normalize(h_weak_m, dim=-1)) if in_h else z_weak_m
 
 
 def training_step(run, x_weak, x_strong, ids, rnd, lr, m):
     """One optimiser step: L, backward, SGD, EMA of the momentum network, enqueue into the bank.
     Returns the loss terms as device tensors."""
-    loss, terms, z_weak_m = run.objective(run, x_weak, x_strong, ids, rnd)
+    loss, terms, entries = run.objective(run, x_weak, x_strong, ids, rnd)
     for group in run.opt.param_groups:
         group["lr"] = lr
     run.opt.zero_grad(set_to_none=True)
@@ -314,7 +328,8 @@ def training_step(run, x_weak, x_strong, ids, rnd, lr, m):
     run.opt.step()
     ema_update(run.momentum_net, run.net, m)
     if run.cfg.uses_exemplars:
-        run.bank.enqueue(z_weak_m, ids)
+        z_weak_m, h_weak_m = entries if run.cfg.select_space == "encoding" else (entries, None)
+        run.bank.enqueue(z_weak_m, ids, h_weak_m)
     return terms
 
 
@@ -380,12 +395,13 @@ class Network(nn.Module):
             nn.Linear(hidden, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
             nn.Linear(hidden, dim, bias=False), nn.BatchNorm1d(dim, affine=False))
 
-    def forward(self, *views):
-        """Returns h of the first view (B, e) and z = norm(g(f(x))) of every view, in float32 (the
-        losses' precision, also under bf16 autocast)."""
+    def forward(self, *views, every_h=False):
+        """Returns h of the first view (B, e) (every_h: a list, h of every view) and z = norm(g(f(x))) of
+        every view, in float32 (the losses' precision, also under bf16 autocast)."""
         hs = [self.encoder(v) for v in views]
         full = lambda t: t.to(torch.get_default_dtype())
-        return full(hs[0]), [F.normalize(full(self.projector(h)), dim=-1) for h in hs]
+        zs = [F.normalize(full(self.projector(h)), dim=-1) for h in hs]
+        return [full(h) for h in hs] if every_h else full(hs[0]), zs
 
 
 def differentiable_sum(x):
@@ -921,6 +937,8 @@ class Config:
                     "auto on off")
     dispersion: str = opt("mean", "L_disp: mean (the paper's text) | logsumexp (closest pairs pushed hardest)",
                           "mean logsumexp")
+    select_space: str = opt("embedding", "paper silent: the space whose cosines choose the neighbours, embeddings "
+                            "z (the paper's) or backbone features h (ReSA's clustering space)", "embedding encoding")
     # the run
     seed: int = opt(0, "seed of the network init, epoch permutations and augmentation", **SEED)
     eval_every: int = opt(10, "in-training k-NN every N epochs and after the last (0: only after the last)", at_least=0)
@@ -949,7 +967,7 @@ RUN_CONTROL = ("out", "overwrite", "resume", "max_steps", "keep_every", "compile
 
 
 # settings that fix the shapes of what a checkpoint holds (networks, memory bank): a resumed run keeps them
-SHAPES = ("width", "proj_hidden", "proj_dim", "stem", "bank_size")
+SHAPES = ("width", "proj_hidden", "proj_dim", "stem", "bank_size", "select_space")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -1043,6 +1061,34 @@ def embed(net, images, mean, std, to_net=lambda x: x):
 
 
 @torch.no_grad()
+def project(net, h):
+    """z = norm(g(h)) of backbone features h (N, e) through a Network's projector, eval-mode BatchNorm."""
+    was_training = net.training
+    net.eval()
+    h = h.to(net.projector[0].weight.dtype)  # extract_features gives float32; the network may be float64
+    z = F.normalize(torch.cat([net.projector(chunk) for chunk in h.split(4096)]).float(), dim=1)
+    net.train(was_training)
+    return z
+
+
+@torch.no_grad()
+def precision_by_space(net, images, labels, bank, exemplar_images, mean, std, k, alpha, to_net=lambda x: x):
+    """Diagnostic, never a loss: the neighbour precision when the un-augmented exemplars choose (by the
+    discriminative score) among the images the bank holds, all embedded afresh by `net`, in backbone
+    features h and in embeddings z (--select-space), whichever space the run chooses in."""
+    ids = bank.ids[bank.valid()]
+    if len(ids) < k:
+        return {}
+    h = extract_features(net.encoder, images, mean, std, to_net, index=ids.to(images.device))
+    h_ex = extract_features(net.encoder, exemplar_images, mean, std, to_net)
+    report, classes = {}, torch.arange(len(h_ex), device=labels.device)[:, None]
+    for space, (entries, ex) in {"h": (h, h_ex), "z": (project(net, h), project(net, h_ex))}.items():
+        nbr = discriminative_scores(F.normalize(entries, dim=1), F.normalize(ex, dim=1), alpha).topk(k, dim=1).indices
+        report[f"nbr_precision_{space}"] = (labels[ids[nbr].to(labels.device)] == classes).float().mean().item()
+    return report
+
+
+@torch.no_grad()
 def knn_accuracy(train_f, train_y, test_f, test_y, num_classes, k=5, cosine=False, T=0.07):
     """Top-1 (%) of k-NN classification of test features by training features (k capped at their
     number). cosine=False: ReSA's protocol, a majority vote of the k nearest by Euclidean distance
@@ -1071,7 +1117,8 @@ def evaluate(run, train_x, train_y, test_x, test_y, memory=None):
     (memory: their indices; None: all).
     With exemplars, also the neighbour precision that the current bank gives to the un-augmented
     exemplars embedded by the online network (z_l, the members) and by the momentum network (which
-    fills the bank and, by default, chooses the neighbours): how well the two embeddings agree."""
+    fills the bank and, by default, chooses the neighbours): how well the two embeddings agree; and the
+    precision in h and in z of the bank's images embedded afresh (precision_by_space)."""
     feats = lambda x, index=None: extract_features(run.momentum_net.encoder, x, run.mean, run.std, run.to_net, index)
     memory_y = train_y if memory is None else train_y[memory.to(train_y.device)]
     report = knn_report(feats(train_x, memory), memory_y, feats(test_x), test_y, run.num_classes)
@@ -1081,6 +1128,8 @@ def evaluate(run, train_x, train_y, test_x, test_y, memory=None):
             z = embed(net, run.exemplar_images, run.mean, run.std, run.to_net).to(run.bank.feats.dtype)
             nbr = build_prototypes(z, run.bank.feats, run.bank.valid(), cfg.k, cfg.alpha, cfg.tau_w)[1]
             report[f"nbr_precision_{name}"] = neighbour_precision(nbr, run.bank, run.labels).item()
+        report.update(precision_by_space(run.momentum_net, run.images, run.labels, run.bank, run.exemplar_images,
+                                         run.mean, run.std, cfg.k, cfg.alpha, run.to_net))
     return report
 
 
@@ -1104,7 +1153,8 @@ def read_checkpoint(path):
     """An osessl checkpoint, loaded as tensors and plain data only (weights_only: a crafted file never
     runs code here), its settings checked as a Config; the parts are checked when loaded (load_parts)."""
     if os.path.isdir(path):
-        raise UsageError(f"{path} is a folder, not a checkpoint: give the checkpoint in it, such as {os.path.join(path, 'last.pt')}")
+        raise UsageError(f"{path} is a folder, not a checkpoint: give the checkpoint in it, such as "
+                         f"{os.path.join(path, 'last.pt')}")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -1199,18 +1249,18 @@ def augment_views(run, images, rnd):
             run.to_net(augment(images, local(rnd.strong), run.mean, run.std, strong=True)))
 
 
-def forward_views(net, views, xe, joint):
-    """h of the weak view views[0], z of every view, and z of the exemplar views xe (None: none are
-    forwarded). --exemplar-bn: the exemplars as a BatchNorm batch of their own (alone) or in one batch
-    with the weak view (joint; the weak view's rows are then the first B)."""
+def forward_views(net, views, xe, joint, exemplar_h=False):
+    """h of the weak view views[0], z of every view, z of the exemplar views xe (None: none are forwarded)
+    and, if exemplar_h, their h (else None). --exemplar-bn: the exemplars as a BatchNorm batch of their own
+    (alone) or in one batch with the weak view (joint; the weak view's rows are then the first B)."""
     if xe is None:
-        return (*net(*views), None)
+        return (*net(*views), None, None)
     if not joint:
-        h, z = net(*views, xe)
-        return h, z[:-1], z[-1]
+        h, z = net(*views, xe, every_h=exemplar_h)
+        return (h[0], z[:-1], z[-1], h[-1]) if exemplar_h else (h, z[:-1], z[-1], None)
     B = views[0].shape[0]
     h, z = net(torch.cat([views[0], xe]), *views[1:])
-    return h[:B], [z[0][:B], *z[1:]], z[0][B:]
+    return h[:B], [z[0][:B], *z[1:]], z[0][B:], (h[B:] if exemplar_h else None)
 
 
 def all_exemplars(run, z):
@@ -1222,6 +1272,11 @@ def all_exemplars(run, z):
     return differentiable_sum(full)
 
 
+def memory_bank(cfg, device=None):
+    """The run's MemoryBank; with --select-space encoding it also keeps the ResNet-18 features (8 x width)."""
+    return MemoryBank(cfg.bank_size, cfg.proj_dim, device, 8 * cfg.width if cfg.select_space == "encoding" else 0)
+
+
 def memory_format(cfg, device):
     """--memory-format: channels_last on CUDA; on the CPU only when asked (why: README's flags table)."""
     last = cfg.memory_format == "channels_last" or cfg.memory_format == "auto" and device.type == "cuda"
@@ -1229,7 +1284,8 @@ def memory_format(cfg, device):
 
 
 def build_run(cfg, rank, world, device, train_x, train_y, ex_idx, num_classes):
-    """Networks, optimiser, memory bank and the per-run constants that training_step reads."""
+    """Networks, optimiser, memory bank and the per-run constants that training_step reads (images, labels:
+    the training split the bank's ids point into, for diagnostics)."""
     cuda = device.type == "cuda"
     mean, std = (t.to(device) for t in channel_stats(train_x))
     net = Network(cfg.width, cfg.proj_hidden, cfg.proj_dim, cfg.stem)
@@ -1252,8 +1308,8 @@ def build_run(cfg, rank, world, device, train_x, train_y, ex_idx, num_classes):
     return SimpleNamespace(cfg=cfg, rank=rank, world=world, net=net, online=online, momentum_net=momentum,
                            loss_settings=loss_settings, all_reduce=dist.all_reduce if world > 1 else None,
                            objective=compiled(objective), augment=compiled(augment_views),
-                           opt=opt, peak_lr=peak_lr, bank=MemoryBank(cfg.bank_size, cfg.proj_dim, device), mean=mean,
-                           std=std, num_classes=num_classes, labels=train_y.to(device),
+                           opt=opt, peak_lr=peak_lr, bank=memory_bank(cfg, device), mean=mean,
+                           std=std, num_classes=num_classes, images=train_x, labels=train_y.to(device),
                            exemplar_images=train_x[ex_idx].to(device),
                            to_net=lambda x: x.contiguous(memory_format=fmt),
                            autocast=lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda))

@@ -375,8 +375,9 @@ def test_resa_mode_trains_on_the_whole_training_split(tmp_path, capsys):
 
 # the default (momentum, joint: README's CPU study) and the other three settings of --exemplar-select / --exemplar-bn
 EXEMPLAR_FORWARD = [(), *[("--exemplar-select", s, "--exemplar-bn", b)
-                          for s, b in (("online", "alone"), ("momentum", "alone"), ("online", "joint"))]]
-EXEMPLAR_IDS = ["default", "online-alone", "momentum-alone", "online-joint"]
+                          for s, b in (("online", "alone"), ("momentum", "alone"), ("online", "joint"))],
+                    ("--select-space", "encoding", "--exemplar-select", "online", "--exemplar-bn", "alone")]
+EXEMPLAR_IDS = ["default", "online-alone", "momentum-alone", "online-joint", "encoding-online-alone"]
 
 
 @pytest.mark.parametrize("setting", EXEMPLAR_FORWARD, ids=EXEMPLAR_IDS)
@@ -413,7 +414,8 @@ def test_end_to_end_cli_and_knn_eval(tmp_path):
         assert key in rows[-1], key
     for row in rows:  # entropies of distributions over C = 10 prototypes lie in [0, log 10]
         assert 0 <= row["assign_entropy"] <= row["usage_entropy"] <= math.log(10) + 1e-6
-        assert all(0 <= row[k] <= 1 for k in ("nbr_precision", "nbr_precision_online", "nbr_precision_momentum"))
+        assert all(0 <= row[k] <= 1 for k in ("nbr_precision", "nbr_precision_online", "nbr_precision_momentum",
+                                              "nbr_precision_h", "nbr_precision_z"))
     assert "epoch 2/2" in r.stdout
     e = run_cli("--checkpoint", str(out / "last.pt"), "--linear", script="knn_eval.py")
     assert e.returncode == 0, e.stderr
@@ -592,7 +594,8 @@ def test_two_process_torchrun_matches_one_process(tmp_path, flags):
     for part in ("net", "momentum"):
         for k, v in ca[part].items():  # BatchNorm running statistics included: each exemplar is forwarded once
             assert torch.allclose(v, cb[part][k], rtol=1e-9, atol=1e-9), (part, k, (v - cb[part][k]).abs().max())
-    assert torch.allclose(ca["bank"]["feats"], cb["bank"]["feats"], rtol=1e-9, atol=1e-9)
+    for k in ("feats", "select"):  # select: the backbone features of --select-space encoding
+        assert k not in ca["bank"] or torch.allclose(ca["bank"][k], cb["bank"][k], rtol=1e-9, atol=1e-9), k
     assert torch.equal(ca["bank"]["ids"], cb["bank"]["ids"])
 
 
@@ -609,6 +612,44 @@ def test_exemplar_select_momentum_scores_the_bank_but_members_stay_online():
     assert torch.allclose(w, ((ex[:, None] * members).sum(-1)).softmax(1))  # weights from z_l, tau_w = 1
     f = lambda e: O.build_prototypes(e, bank, valid, 3, 0.75, 0.5, select_by=other)[0]
     assert torch.autograd.gradcheck(f, (ex.clone().requires_grad_(),))
+
+
+def test_select_space_encoding_chooses_by_the_other_features_and_builds_from_embeddings():
+    """select_feats (--select-space encoding): the exemplars' other vectors score the entries' other
+    features, so the choice follows their ranking; the prototype is still built from the embeddings."""
+    ex, bank, valid = proto_inputs()
+    h_bank, h_ex = unit(len(bank), 5, seed=11), unit(len(ex), 5, seed=12)
+    protos, idx, w = O.build_prototypes(ex, bank, valid, k=3, select_by=h_ex, select_feats=h_bank)
+    by_h = O.discriminative_scores(h_bank, h_ex).masked_fill(~valid[None], float("-inf")).topk(3, dim=1).indices
+    assert torch.equal(idx, by_h) and not torch.equal(idx, O.build_prototypes(ex, bank, valid, k=3)[1])
+    members = torch.cat([ex[:, None], bank[idx]], 1)
+    assert torch.allclose(w, ((ex[:, None] * members).sum(-1)).softmax(1))
+    assert torch.allclose(protos, F.normalize((w[..., None] * members).sum(1), dim=-1))
+
+
+def test_select_space_encoding_in_the_step(monkeypatch):
+    """--select-space encoding (default --exemplar-select momentum, --exemplar-bn joint): the bank keeps the
+    normalised momentum backbone features of its entries, and the neighbours are those that the momentum
+    network's normalised exemplar features rank first among them (computed here by hand)."""
+    import copy
+    run, tx, C = tiny_run("--select-space", "encoding")
+    for step in range(3):  # fill the bank
+        tiny_step(run, tx, C, torch.arange(step * 32, step * 32 + 32), step)
+    ids = torch.arange(40, 72)
+    rnd, x1, x2, xm, xe = step_inputs(run, tx, C, ids, step=3)
+    momentum = copy.deepcopy(run.momentum_net)
+    calls = record(monkeypatch, "osessl_loss")
+    O.training_step(run, x1, x2, ids, rnd, 0.05, 0.99)
+    _, kw, (_, _, nbr) = calls[0]
+    with torch.no_grad():
+        h = momentum(torch.cat([x1, xe]), x2)[0]
+    h_ex = F.normalize(h[32:], dim=-1)
+    assert torch.allclose(kw["select_by"], h_ex) and kw["bank_select"].shape == (len(run.bank.feats), 64)
+    scores = O.discriminative_scores(kw["bank_select"], h_ex).masked_fill(~kw["bank_valid"][None], float("-inf"))
+    assert torch.equal(nbr, scores.topk(run.cfg.k, dim=1).indices)
+    slots = (run.bank.ptr - 32 + torch.arange(32)) % len(run.bank.feats)  # this step's entries, normalised h
+    assert torch.equal(run.bank.ids[slots], ids)
+    assert torch.allclose(run.bank.select[slots], F.normalize(h[:32], dim=-1), atol=1e-6)
 
 
 def step_inputs(run, tx, C, ids, step=0):
@@ -1622,7 +1663,8 @@ def test_resume_names_an_architecture_setting_that_differs(tmp_path, capsys):
     out = O.train(tiny_config(tmp_path, "--max-steps", "1"))
     last = os.path.join(out, "last.pt")
     before = open(last, "rb").read()
-    for flag, value, saved in (("--width", "16", "8"), ("--proj-dim", "16", "32"), ("--bank-size", "256", "128")):
+    for flag, value, saved in (("--width", "16", "8"), ("--proj-dim", "16", "32"), ("--bank-size", "256", "128"),
+                               ("--select-space", "encoding", "embedding")):
         err = one_line_exit_2(O.main, ["--resume", last, flag, value], capsys)
         assert f"has {flag} {saved}, this run {flag} {value}: drop {flag} or set it to {saved}" in err, err
     assert open(last, "rb").read() == before
@@ -1682,7 +1724,8 @@ def test_notebook_setup_reads_paths_from_where_the_user_stands(tmp_path):
         [sys.executable, "-c", "import common; print(common.describe_run())"], cwd=os.path.join(HERE, "notebooks"),
         env=dict(env, OSESSL_CHECKPOINT=checkpoint), capture_output=True, text=True, timeout=300)
     found = setup(os.path.join("runs", "a", "last.pt"))
-    assert found.returncode == 0 and f"checkpoint {tmp_path}/runs/a/last.pt: step 9 (epoch 1 of 1), synthetic" in found.stdout, found.stderr[-2000:]
+    assert found.returncode == 0, found.stderr[-2000:]
+    assert f"checkpoint {tmp_path}/runs/a/last.pt: step 9 (epoch 1 of 1), synthetic" in found.stdout
     missing = setup(os.path.join("runs", "b", "last.pt"))
     err = missing.stderr.strip()
     assert missing.returncode == 1 and len(err.splitlines()) == 1, err

@@ -46,7 +46,8 @@ else:
     CHECKPOINT = resolve(os.environ.get("OSESSL_CHECKPOINT", "runs/cpu-recipe/osessl-s0/last.pt"))
     if not os.path.isfile(CHECKPOINT):
         raise SystemExit(f"no checkpoint at {CHECKPOINT}: set OSESSL_CHECKPOINT to a last.pt written by osessl.py, "
-                         f"or make the laptop recipe's (about an hour on 2 CPU cores) from the repository root: {RECIPE}")
+                         f"or make the laptop recipe's (about an hour on 2 CPU cores) from the repository root: "
+                         f"{RECIPE}")
 try:
     ck = O.read_checkpoint(CHECKPOINT)
     cfg = O.Config(**ck["config"])

@@ -9,7 +9,8 @@
 #
 # DATA_DIR is CIFAR-100 as an ImageFolder tree (DIR/train/<class>/*, DIR/test/<class>/*). ARMs, in the
 # order given (default: all, in this order): resa, osessl-s0, osessl-s1, osessl-s2 (exemplar seeds 0, 1,
-# 2), osessl-online-alone-s0 (the exemplar forward before README's CPU study), resa-official-encoder
+# 2), osessl-online-alone-s0 (the exemplar forward before README's CPU study), osessl-encoding-s0 (the
+# neighbours chosen by backbone features, --select-space encoding), resa-official-encoder
 # (ReSA with ReSA's official CIFAR encoder, --stem cifar-pad). All: 100 epochs, full ResNet-18,
 # batch 256, seed 0, the same flags. A short session gives "resa osessl-s0".
 #
@@ -33,7 +34,7 @@ PY=${PYTHON:-python3}
 OUT=${OUT:-$HERE}
 RUNS=${RUNS:-runs/cifar100-100ep}
 JOBS=${JOBS:-2}
-ALL_ARMS=(resa osessl-s0 osessl-s1 osessl-s2 osessl-online-alone-s0 resa-official-encoder)
+ALL_ARMS=(resa osessl-s0 osessl-s1 osessl-s2 osessl-online-alone-s0 osessl-encoding-s0 resa-official-encoder)
 mkdir -p "$OUT" "$RUNS"
 OUT=$(cd "$OUT" && pwd)
 
@@ -42,6 +43,7 @@ arm_flags() {  # the flags that make each arm what it is
     resa) echo "--lambda-proto 0 --mu-mix 0" ;;
     osessl-s[0-9]) echo "--exemplar-seed ${1#osessl-s}" ;;
     osessl-online-alone-s0) echo "--exemplar-seed 0 --exemplar-select online --exemplar-bn alone" ;;
+    osessl-encoding-s0) echo "--exemplar-seed 0 --select-space encoding" ;;
     resa-official-encoder) echo "--lambda-proto 0 --mu-mix 0 --stem cifar-pad" ;;
     *) return 1 ;;
   esac
