@@ -23,6 +23,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -206,6 +207,67 @@ def summarize(run_dirs, plot=None):
     return runs
 
 
+def momentum_network(path, ck, cfg, device):
+    """The checkpoint's momentum network (its encoder is what every protocol evaluates) and memory bank."""
+    net, bank = osessl.Network(cfg.width, cfg.proj_hidden, cfg.proj_dim, cfg.stem), osessl.memory_bank(cfg)
+    osessl.load_parts(path, ck, dict(momentum=net, bank=bank))  # only what this program reads
+    return net.to(device), bank.to(device)
+
+
+def seeded_subset(x, y, n, seed):
+    """n images of (x, y), a seeded random subset (0 or n >= len: all)."""
+    if not n or n >= len(x):
+        return x, y
+    keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
+    return x[keep], y[keep]
+
+
+def write_report(path, header, res, names, diagnostics=None, **about):
+    """Print res (top-1 %, two decimals) as an aligned table under its protocols' names, in their order,
+    then the neighbour-precision diagnostics (three decimals); write all, with `about`, as JSON to path."""
+    width = max(map(len, names.values()))
+    res = {key: round(res[key], 2) for key in names if key in res}
+    diagnostics = {k: round(v, 3) for k, v in (diagnostics or {}).items()}
+    print(header)
+    print(f"{'protocol':<{width}} top-1 %")
+    for key, acc in res.items():
+        print(f"{names[key]:<{width}} {acc:7.2f}")
+    for key, value in diagnostics.items():  # the exemplars' neighbours among the bank's images, chosen in h or z
+        print(f"{'diagnostic: neighbour precision in ' + key[-1]:<{width}} {value:7.3f}")
+    with open(path, "w") as f:
+        json.dump(dict(res, **diagnostics, **about), f, indent=1)
+    return res
+
+
+def transfer(args, ck, cfg, device):
+    """Transfer k-NN (the paper's k-NN(20) on Food-101, CUB-200, Pets-37): the checkpoint's frozen momentum
+    encoder on another ImageFolder, its train/ as memory (and linear-probe set), its test/ as queries, its
+    own classes, at the checkpoint's image size unless --image-size, normalised by its own training
+    images' statistics. No one-shot rows: there is no exemplar of these classes."""
+    if not os.path.isdir(args.transfer):
+        raise UsageError(f"--transfer {args.transfer} is not a folder: give an ImageFolder root with train/ and test/")
+    size = args.image_size or cfg.image_size or 32  # CIFAR and synthetic runs train at 32 px
+    other = replace(cfg, dataset="imagefolder", data_dir=args.transfer, image_size=size, train_limit=args.train_limit,
+                    test_limit=args.test_limit)
+    osessl.check_config(other)  # --image-size and the limits in range
+    train_x, train_y, test_x, test_y, num_classes = osessl.load_data(other)
+    train_x, train_y = seeded_subset(train_x, train_y, other.train_limit, cfg.seed)
+    mean, std = (t.to(device) for t in osessl.channel_stats(train_x))
+    net, _ = momentum_network(args.checkpoint, ck, cfg, device)
+    train_f, test_f = (extract_features(net.encoder, x, mean, std) for x in (train_x, test_x))
+    train_y, test_y = train_y.to(device), test_y.to(device)
+    res = knn_report(train_f, train_y, test_f, test_y, num_classes)
+    if args.linear:
+        res["linear"] = linear_probe(train_f, train_y, test_f, test_y, num_classes)
+    name = osessl.dataset_name("imagefolder", args.transfer)
+    names = {k: f"transfer to {name}: {v}" for k, v in PROTOCOLS.items()}
+    names["knn20_cos"] += " (the paper's k-NN(20))"
+    header = (f"{args.checkpoint} (step {ck['step']}) -> {args.transfer}: {num_classes} classes, {len(train_x)} train "
+              f"/ {len(test_x)} test images at {train_x.shape[-1]} px")
+    path = os.path.join(os.path.dirname(args.checkpoint), f"eval-transfer-{name}.json")
+    return write_report(path, header, res, names, step=ck["step"], test_images=len(test_x), train_images=len(train_x))
+
+
 def main(argv=None):
     p = osessl._Parser(description="evaluation of osessl checkpoints, and results tables of runs")
     p.add_argument("--checkpoint", help="last.pt written by osessl.py")
@@ -215,6 +277,10 @@ def main(argv=None):
                    help="k-NN memory and probe training set: this many training images (0 = all)")
     p.add_argument("--test-limit", type=int, default=0, help="evaluate on this many test images (0 = all)")
     p.add_argument("--linear", action="store_true", help="also train a linear probe on the frozen features")
+    p.add_argument("--transfer", default="", metavar="DIR", help="evaluate on another ImageFolder (DIR/train as "
+                   "memory, DIR/test as queries, its own classes) into eval-transfer-<name>.json")
+    p.add_argument("--image-size", type=int, default=0, help="with --transfer: its image size (default: the "
+                   "checkpoint's)")
     p.add_argument("--device", default="", help="cuda | cpu (default: cuda when available)")
     p.add_argument("--summarize", nargs="+", metavar="RUN_DIR", help="print the results table of these run directories")
     p.add_argument("--plot", default="", help="with --summarize: write a PNG of 5-NN accuracy, neighbour precision "
@@ -231,25 +297,23 @@ def main(argv=None):
             raise UsageError("give --checkpoint runs/.../last.pt (or --summarize RUN_DIR ...)")
         ck = osessl.read_checkpoint(args.checkpoint)
         cfg = osessl.Config(**ck["config"])
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if args.transfer:
+            return transfer(args, ck, cfg, device)
         cfg.resume = args.checkpoint
         cfg.dataset = args.dataset or cfg.dataset
         cfg.data_dir = args.data_dir or cfg.data_dir
         cfg.train_limit, cfg.test_limit = args.train_limit, args.test_limit
+        osessl.check_config(cfg)
         check = functools.partial(osessl.load_checkpoint, cfg, ck=ck)  # before any image is decoded
         train_x, train_y, test_x, test_y, num_classes = osessl.load_data(cfg, check)
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         mean, std = (t.to(device) for t in osessl.channel_stats(train_x))
         exemplars = ck["exemplars"]
         if not len(exemplars):  # a ReSA run has none: one-shot evaluation draws them as an OSESSL run would
             exemplars = osessl.select_exemplars(cfg, train_y, num_classes)
         exemplar_x, full_x, full_y = train_x[exemplars], train_x, train_y  # the bank's ids index the full split
-        if cfg.train_limit and cfg.train_limit < len(train_x):
-            keep = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.train_limit]
-            train_x, train_y = train_x[keep], train_y[keep]
-        net = osessl.Network(cfg.width, cfg.proj_hidden, cfg.proj_dim, cfg.stem)
-        bank = osessl.memory_bank(cfg)
-        osessl.load_parts(args.checkpoint, ck, dict(momentum=net, bank=bank))  # only what this program reads
-        net = net.to(device)
+        train_x, train_y = seeded_subset(train_x, train_y, cfg.train_limit, cfg.seed)
+        net, bank = momentum_network(args.checkpoint, ck, cfg, device)
         feats = lambda m, x: extract_features(m, x, mean, std)  # host images, device chunks
         t0 = time.time()
         say = lambda what: print(f"  {what} ({time.time() - t0:.0f} s)", flush=True)
@@ -267,7 +331,6 @@ def main(argv=None):
         train_z, test_z, ex_z = (project(net, h) for h in (train_f, test_f, ex_h))
         res["oracle_ncm_h"] = nearest_class_mean(train_f, train_y, test_f, test_y, num_classes)
         res["oracle_ncm_z"] = nearest_class_mean(train_z, train_y, test_z, test_y, num_classes)
-        bank = bank.to(device)
         valid, protos = bank.valid(), None  # without a filled bank a "prototype" is the exemplar alone: not reported
         if valid.any():  # chosen as the run chose them: in z, or in h (--select-space encoding)
             in_h = dict(select_by=F.normalize(ex_h, dim=1), select_feats=bank.select) if bank.select is not None else {}
@@ -278,21 +341,11 @@ def main(argv=None):
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"{args.checkpoint}: step {ck['step']} (epoch {ck.get('epoch')}), {cfg.dataset}, "
-          f"{len(train_x)} train / {len(test_x)} test images")
-    names = {**PROTOCOLS, **REFERENCES}
-    width = max(map(len, names.values()))
-    res = {key: round(res[key], 2) for key in names if key in res}  # results first, then references
-    print(f"{'protocol':<{width}} top-1 %")
-    for key, acc in res.items():
-        print(f"{names[key]:<{width}} {acc:7.2f}")
-    diagnostics = {k: round(v, 3) for k, v in diagnostics.items()}
-    for key, value in diagnostics.items():  # the exemplars' neighbours among the bank's images, chosen in h or z
-        print(f"{'diagnostic: neighbour precision in ' + key[-1]:<{width}} {value:7.3f}")
-    with open(os.path.join(os.path.dirname(args.checkpoint), "eval.json"), "w") as f:
-        json.dump(dict(res, **diagnostics, step=ck["step"], test_images=len(test_x), train_images=len(train_x)), f,
-                  indent=1)
-    return res
+    header = (f"{args.checkpoint}: step {ck['step']} (epoch {ck.get('epoch')}), {cfg.dataset}, "
+              f"{len(train_x)} train / {len(test_x)} test images")
+    return write_report(os.path.join(os.path.dirname(args.checkpoint), "eval.json"), header, res,
+                        {**PROTOCOLS, **REFERENCES}, diagnostics, step=ck["step"], test_images=len(test_x),
+                        train_images=len(train_x))
 
 
 if __name__ == "__main__":

@@ -1731,3 +1731,30 @@ def test_notebook_setup_reads_paths_from_where_the_user_stands(tmp_path):
     assert missing.returncode == 1 and len(err.splitlines()) == 1, err
     assert f"no checkpoint at {tmp_path / 'runs' / 'b' / 'last.pt'}: set OSESSL_CHECKPOINT" in err
     assert "--keep-every 3" in err and "--out runs/cpu-recipe/osessl-s0" in err
+
+
+def test_transfer_knn_on_another_imagefolder(tmp_path, capsys):
+    """knn_eval.py --transfer: the checkpoint's momentum encoder on another ImageFolder with its own classes
+    (its train/ as memory, its test/ as queries), into its own eval-transfer-<name>.json (eval.json is not
+    touched), the k-NN protocols named as transfer, the paper's k-NN(20) among them, no one-shot row; it
+    equals k-NN on those images' features computed here by hand."""
+    out = O.train(tiny_config(tmp_path, "--eval-every", "0"))
+    write_imagefolder(tmp_path / "other", classes=("p", "q", "r"), per_class=4)
+    knn_eval.main(["--checkpoint", os.path.join(out, "last.pt")])
+    before = open(os.path.join(out, "eval.json")).read()
+    capsys.readouterr()
+    res = knn_eval.main(["--checkpoint", os.path.join(out, "last.pt"), "--transfer", str(tmp_path / "other")])
+    text = capsys.readouterr().out
+    assert open(os.path.join(out, "eval.json")).read() == before
+    saved = json.load(open(os.path.join(out, "eval-transfer-other.json")))
+    assert set(res) == {"knn5", "knn20_cos", "knn200_cos"} and all(saved[k] == v for k, v in res.items())
+    assert "transfer to other: weighted cosine 20-NN" in text and "the paper's k-NN(20)" in text
+    assert saved["train_images"] == saved["test_images"] == 12
+    ck = O.read_checkpoint(os.path.join(out, "last.pt"))
+    net = O.Network(8, 64, 32)
+    net.load_state_dict(ck["momentum"])
+    tx, ty, _ = O.load_imagefolder_split(str(tmp_path / "other"), "train")
+    vx, vy, _ = O.load_imagefolder_split(str(tmp_path / "other"), "test")
+    mean, std = O.channel_stats(tx)
+    f, g = (O.extract_features(net.encoder, x, mean, std) for x in (tx, vx))
+    assert res["knn20_cos"] == round(O.knn_accuracy(f, ty, g, vy, 3, k=20, cosine=True), 2)
