@@ -268,6 +268,67 @@ def transfer(args, ck, cfg, device):
     return write_report(path, header, res, names, step=ck["step"], test_images=len(test_x), train_images=len(train_x))
 
 
+def balanced_fraction(y, fraction, seed):
+    """Indices of a class-balanced, seeded `fraction` of the labels y: round(fraction x n_c) images of each
+    class c (at least one), the labeled set of a semi-supervised split."""
+    g, picks = torch.Generator().manual_seed(seed), []
+    for c in y.unique():
+        members = (y == c).nonzero().flatten()
+        picks.append(members[torch.randperm(len(members), generator=g)[:max(1, round(fraction * len(members)))]])
+    return torch.cat(picks).sort().values
+
+
+def finetune(encoder, train_x, train_y, test_x, test_y, num_classes, mean, std, epochs, batch_size=256, seed=0,
+             log=None):
+    """Top-1 (%) on the un-augmented test images after fine-tuning `encoder` (in place) with a new linear
+    head on the labeled images given, the semi-supervised protocol of SimCLR's appendix, which BYOL and its
+    successors follow (the OSESSL paper names none): every weight trained, BatchNorm in training mode; the
+    weak view (random resized crop and flip, osessl.augment); SGD with Nesterov momentum 0.9, learning rate
+    0.05 x batch / 256, constant, no weight decay; cross-entropy. log(epoch) after each tenth of the epochs."""
+    device = mean.device
+    head = torch.nn.Linear(encoder.dim, num_classes).to(device)
+    params = [*encoder.parameters(), *head.parameters()]
+    opt = torch.optim.SGD(params, lr=0.05 * batch_size / 256, momentum=0.9, nesterov=True)
+    g, step, was_training = torch.Generator().manual_seed(seed), 0, encoder.training
+    encoder.train()
+    with torch.enable_grad():
+        for epoch in range(epochs):
+            for idx in torch.randperm(len(train_x), generator=g).split(batch_size):
+                if len(idx) < 2:  # BatchNorm needs two images
+                    continue
+                view = osessl.sample_view_params(len(idx), osessl.step_generator(seed, step, device), train_x.shape[-1])
+                x = osessl.augment(train_x[idx].to(device), view, mean, std, strong=False)
+                loss = F.cross_entropy(head(encoder(x)), train_y[idx].to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+            if log and (epoch + 1) % max(1, epochs // 10) == 0:
+                log(epoch + 1)
+    test_f = extract_features(encoder, test_x, mean, std)  # eval-mode BatchNorm, no augmentation
+    encoder.train(was_training)
+    with torch.no_grad():
+        return (head(test_f).argmax(1) == test_y.to(device)).float().mean().item() * 100
+
+
+def finetune_report(args, ck, cfg, device, train_x, train_y, test_x, test_y, num_classes, mean, std):
+    """--finetune: the checkpoint's momentum encoder fine-tuned (in memory; the checkpoint is not touched)."""
+    labeled = balanced_fraction(train_y, args.finetune, cfg.seed)
+    epochs = args.finetune_epochs or (60 if args.finetune <= 0.01 else 30)
+    net, _ = momentum_network(args.checkpoint, ck, cfg, device)
+    t0 = time.time()
+    acc = finetune(net.encoder, train_x[labeled], train_y[labeled], test_x, test_y, num_classes, mean, std, epochs,
+                   args.finetune_batch, cfg.seed, log=lambda e: print(f"  fine-tuning: epoch {e}/{epochs} "
+                                                                     f"({time.time() - t0:.0f} s)", flush=True))
+    percent = f"{100 * args.finetune:g}"
+    names = {"finetune": f"fine-tuned on {percent}% of the labels ({len(labeled)} images), momentum encoder"}
+    header = (f"{args.checkpoint}: step {ck['step']}, {cfg.dataset}: {epochs} epochs of batch {args.finetune_batch} "
+              f"on {len(labeled)} labeled images, {len(test_x)} test images")
+    path = os.path.join(os.path.dirname(args.checkpoint), f"eval-finetune-{percent}pct.json")
+    return write_report(path, header, {"finetune": acc}, names, step=ck["step"], labeled_images=len(labeled),
+                        epochs=epochs, batch_size=args.finetune_batch, test_images=len(test_x))
+
+
 def main(argv=None):
     p = osessl._Parser(description="evaluation of osessl checkpoints, and results tables of runs")
     p.add_argument("--checkpoint", help="last.pt written by osessl.py")
@@ -281,6 +342,13 @@ def main(argv=None):
                    "memory, DIR/test as queries, its own classes) into eval-transfer-<name>.json")
     p.add_argument("--image-size", type=int, default=0, help="with --transfer: its image size (default: the "
                    "checkpoint's)")
+    p.add_argument("--finetune", type=float, default=0, metavar="FRACTION", help="fine-tune the encoder with a "
+                   "linear head on this class-balanced fraction of the training labels (the paper: 0.01, 0.1) into "
+                   "eval-finetune-<percent>pct.json")
+    p.add_argument("--finetune-epochs", type=int, default=0, help="default: SimCLR's, 60 up to 1%% of the labels, "
+                   "else 30")
+    p.add_argument("--finetune-batch", type=int, default=256, help="fine-tuning batch (learning rate 0.05 x "
+                   "batch / 256)")
     p.add_argument("--device", default="", help="cuda | cpu (default: cuda when available)")
     p.add_argument("--summarize", nargs="+", metavar="RUN_DIR", help="print the results table of these run directories")
     p.add_argument("--plot", default="", help="with --summarize: write a PNG of 5-NN accuracy, neighbour precision "
@@ -298,6 +366,11 @@ def main(argv=None):
         ck = osessl.read_checkpoint(args.checkpoint)
         cfg = osessl.Config(**ck["config"])
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if not 0 <= args.finetune <= 1 or args.finetune_epochs < 0 or args.finetune_batch < 2:
+            raise UsageError(f"--finetune is a fraction in (0, 1], --finetune-epochs at least 0 and --finetune-batch "
+                             f"at least 2; got {args.finetune}, {args.finetune_epochs}, {args.finetune_batch}")
+        if args.transfer and args.finetune:
+            raise UsageError("give --transfer or --finetune, not both (each writes its own eval-*.json)")
         if args.transfer:
             return transfer(args, ck, cfg, device)
         cfg.resume = args.checkpoint
@@ -308,6 +381,8 @@ def main(argv=None):
         check = functools.partial(osessl.load_checkpoint, cfg, ck=ck)  # before any image is decoded
         train_x, train_y, test_x, test_y, num_classes = osessl.load_data(cfg, check)
         mean, std = (t.to(device) for t in osessl.channel_stats(train_x))
+        if args.finetune:
+            return finetune_report(args, ck, cfg, device, train_x, train_y, test_x, test_y, num_classes, mean, std)
         exemplars = ck["exemplars"]
         if not len(exemplars):  # a ReSA run has none: one-shot evaluation draws them as an OSESSL run would
             exemplars = osessl.select_exemplars(cfg, train_y, num_classes)
