@@ -112,6 +112,9 @@ class MemoryBank(nn.Module):
         self.feats[slots] = feats
         if ids is not None:
             self.ids[slots] = ids
+        if (select is None) != (self.select is None):
+            raise ValueError("select: give the entries' backbone features exactly when the bank keeps them "
+                             "(select_dim > 0)")
         if select is not None:
             self.select[slots] = select
         self.ptr.copy_((self.ptr + len(feats)) % K)
@@ -149,6 +152,9 @@ def build_prototypes(z_ex, feats, valid, k=8, alpha=0.75, tau_w=1.0, select_by=N
     prototypes (C, d), neighbour indices (C, k), weights (C, k + 1) (column 0: z_l)."""
     if k > len(feats):
         raise ValueError(f"k = {k} neighbours per exemplar is more than the memory bank's {len(feats)} entries")
+    if select_feats is not None and select_by is None:
+        raise ValueError("select_feats: other features of the entries need the exemplars' features in that space "
+                         "(select_by)")
     key, entries = z_ex if select_by is None else select_by, feats if select_feats is None else select_feats
     scores = discriminative_scores(entries, key.detach(), alpha).masked_fill(~valid[None], float("-inf"))
     top, idx = scores.topk(k, dim=1)                           # a discrete choice: no gradient
@@ -850,9 +856,14 @@ def augment(images, p, mean, std, strong):
 
 
 def sample_beta(n, zeta, g):
-    """Beta(zeta, zeta) from the step generator, as the ratio of two Gamma(zeta) draws: a / (a + b)."""
-    a, b = (torch._standard_gamma(torch.full((n,), float(zeta), device=g.device), generator=g) for _ in range(2))
-    return a / (a + b)
+    """Beta(zeta, zeta) from the step generator, as the ratio of two Gamma(zeta) draws: a / (a + b).
+
+    torch.distributions.Beta takes no generator, hence the private _standard_gamma. The draws are float64 because at
+    a small zeta Gamma(zeta) underflows float32 to 0 (the paper's range starts at 0.01).
+    """
+    zetas = torch.full((n,), float(zeta), dtype=torch.float64, device=g.device)
+    a, b = (torch._standard_gamma(zetas, generator=g) for _ in range(2))
+    return (a / (a + b)).float()
 
 
 def step_randomness(seed, step, n_global, n_exemplars, zeta, device, size=32, blur=False):
@@ -1125,8 +1136,12 @@ def evaluate(run, train_x, train_y, test_x, test_y, memory=None):
     if run.cfg.uses_exemplars:
         cfg = run.cfg
         for name, net in (("online", run.net), ("momentum", run.momentum_net)):
-            z = embed(net, run.exemplar_images, run.mean, run.std, run.to_net).to(run.bank.feats.dtype)
-            nbr = build_prototypes(z, run.bank.feats, run.bank.valid(), cfg.k, cfg.alpha, cfg.tau_w)[1]
+            h = extract_features(net.encoder, run.exemplar_images, run.mean, run.std, run.to_net)
+            z = project(net, h).to(run.bank.feats.dtype)
+            # the exemplars choose in the space the run chooses in (--select-space)
+            select_by = None if run.bank.select is None else F.normalize(h, dim=1).to(run.bank.select.dtype)
+            nbr = build_prototypes(z, run.bank.feats, run.bank.valid(), cfg.k, cfg.alpha, cfg.tau_w,
+                                   select_by=select_by, select_feats=run.bank.select)[1]
             report[f"nbr_precision_{name}"] = neighbour_precision(nbr, run.bank, run.labels).item()
         report.update(precision_by_space(run.momentum_net, run.images, run.labels, run.bank, run.exemplar_images,
                                          run.mean, run.std, cfg.k, cfg.alpha, run.to_net))

@@ -6,7 +6,7 @@
 # on 2 cores each keep their speed; two 2-thread runs would slow each other about tenfold), then
 # knn_eval.py --linear on its last checkpoint. Run from a fresh clone, data extracted into data/cifar10:
 #   mkdir -p data && tar -xJf cifar10.tar.xz -C data && results/cpu-recipe-cifar10/recipe.sh [ARM ...]
-# Arms: osessl-sN and resa-sN (seed N; default: osessl-s0 resa-s0). Runs land in runs/cpu-recipe/ARM;
+# Arms: osessl-sN, osessl-encoding-sN (--select-space encoding) and resa-sN (seed N; default: osessl-s0 resa-s0). Runs land in runs/cpu-recipe/ARM;
 # their config.json, metrics.jsonl, eval.json and console log are copied beside this script. Running
 # it again resumes an arm from its last.pt and skips an arm that has its eval.json.
 set -u
@@ -20,8 +20,9 @@ RECIPE="--dataset imagefolder --data-dir ${DATA_DIR:-data/cifar10} --width 16 --
 flags() {
   case $1 in
     osessl-s[0-9]*) echo "--seed ${1#osessl-s}" ;;
+    osessl-encoding-s[0-9]*) echo "--seed ${1#osessl-encoding-s} --select-space encoding" ;;
     resa-s[0-9]*) echo "--seed ${1#resa-s} --lambda-proto 0 --mu-mix 0" ;;
-    *) echo "recipe.sh: unknown arm $1 (use osessl-sN or resa-sN)" >&2; return 1 ;;
+    *) echo "recipe.sh: unknown arm $1 (use osessl-sN, osessl-encoding-sN or resa-sN)" >&2; return 1 ;;
   esac
 }
 one() {
