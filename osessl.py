@@ -859,7 +859,7 @@ def sample_beta(n, zeta, g):
     """Beta(zeta, zeta) from the step generator, as the ratio of two Gamma(zeta) draws: a / (a + b).
 
     torch.distributions.Beta takes no generator, hence the private _standard_gamma. The draws are float64 because at
-    a small zeta Gamma(zeta) underflows float32 to 0 (the paper's range starts at 0.01).
+    a small zeta (--zeta takes any value above 0) Gamma(zeta) underflows float32 to 0.
     """
     zetas = torch.full((n,), float(zeta), dtype=torch.float64, device=g.device)
     a, b = (torch._standard_gamma(zetas, generator=g) for _ in range(2))
