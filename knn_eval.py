@@ -94,7 +94,7 @@ def nearest_class_mean(train_f, train_y, test_f, test_y, num_classes):
     normalised training features: a one-shot classifier's ceiling-like reference, as it reads the label
     of every training image (here, never in training)."""
     train_f, test_f = F.normalize(train_f.float(), dim=1), F.normalize(test_f.float(), dim=1)
-    means = torch.zeros(num_classes, train_f.shape[1], device=train_f.device).index_add_(0, train_y, train_f)
+    means = train_f.new_zeros(num_classes, train_f.shape[1]).index_add_(0, train_y, train_f)
     return ((test_f @ F.normalize(means, dim=1).T).argmax(1) == test_y).float().mean().item() * 100
 
 
@@ -121,8 +121,12 @@ def read_run(d):
         setting = ""
         if arm == "OSESSL":  # runs from before the two flags ran what they now call online / alone
             setting = f"{cfg.get('exemplar_select', 'online')}/{cfg.get('exemplar_bn', 'alone')}"
+            setting += "/h" if cfg.get("select_space", "embedding") == "encoding" else ""
+        # another encoder is another experiment, never averaged with the default one: a group of its own
+        dataset = osessl.dataset_name(cfg["dataset"], cfg["data_dir"])
+        dataset += f" ({cfg['stem']} stem)" if cfg.get("stem", "auto") not in ("auto", "cifar", "imagenet") else ""
         return dict(dir=d, arm=arm, setting=setting, seed=cfg["exemplar_seed"], final=final, rows=rows, config=cfg,
-                    dataset=osessl.dataset_name(cfg["dataset"], cfg["data_dir"]), epochs=rows[-1]["epoch"],
+                    dataset=dataset, epochs=rows[-1]["epoch"],
                     classes=cfg["num_classes"], note=note)
     except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
         raise UsageError(f"{d}: not a run directory written by osessl.py ({type(e).__name__}: {e})") from None
@@ -130,8 +134,9 @@ def read_run(d):
 
 def summarize(run_dirs, plot=None):
     """Results table of several runs (their config.json, metrics.jsonl and eval.json): ReSA against
-    OSESSL mean +- spread over exemplar seeds, per dataset, epoch count and OSESSL exemplar-forward
-    setting (--exemplar-select / --exemplar-bn, one row each); optionally a plot of
+    OSESSL mean +- spread over exemplar seeds, per dataset (and encoder stem, where not the default), epoch
+    count and OSESSL setting (--exemplar-select / --exemplar-bn[/h for --select-space encoding], one row each);
+    optionally a plot of
     5-NN accuracy, neighbour precision and assignment entropies against epoch."""
     import statistics
     if plot:
@@ -151,7 +156,7 @@ def summarize(run_dirs, plot=None):
         if r["note"]:
             print(f"note: {r['note']}")
         runs.append(r)
-    print(f"{'dataset':<12} {'epochs':>6} {'protocol':<62} {'select/bn':<15} {'ReSA':>7} "
+    print(f"{'dataset':<24} {'epochs':>6} {'protocol':<62} {'select/bn':<15} {'ReSA':>7} "
           f"{'OSESSL (mean +- sd, seeds)':>30} {'gain':>6}  from")
     for key in sorted({(r["dataset"], r["epochs"]) for r in runs}):
         group = [r for r in runs if (r["dataset"], r["epochs"]) == key]
@@ -169,7 +174,7 @@ def summarize(run_dirs, plot=None):
                 o = f"{mean(ours):.2f} +- {sd:.2f} ({len(ours)})" if ours else "-"
                 gain = f"{mean(ours) - mean(base):+6.2f}" if base and ours else f"{'-':>6}"
                 sources = {src for _, src in base + ours}
-                print(f"{key[0]:<12} {key[1]:>6} {name:<62} {setting:<15} {b} {o:>30} {gain}  "
+                print(f"{key[0]:<24} {key[1]:>6} {name:<62} {setting:<15} {b} {o:>30} {gain}  "
                       f"{sources.pop() if len(sources) == 1 else 'mixed'}")
     print("from: knn_eval = knn_eval.py's eval.json (memory and probe set: all training images); in-training = "
           "the run's last in-training evaluation (memory: the training images in use, test subset if limited)")
@@ -371,6 +376,10 @@ def main(argv=None):
                              f"at least 2; got {args.finetune}, {args.finetune_epochs}, {args.finetune_batch}")
         if args.transfer and args.finetune:
             raise UsageError("give --transfer or --finetune, not both (each writes its own eval-*.json)")
+        if args.image_size and not args.transfer:
+            raise UsageError("--image-size is for --transfer; the checkpoint's own data keep its image size")
+        if args.transfer and (args.dataset or args.data_dir):
+            raise UsageError("--transfer DIR names the other data itself: leave out --dataset and --data-dir")
         if args.transfer:
             return transfer(args, ck, cfg, device)
         cfg.resume = args.checkpoint

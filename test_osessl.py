@@ -450,6 +450,17 @@ def test_summarize_tells_stale_duplicate_and_in_training_figures_apart(tmp_path,
     text = capsys.readouterr().out
     assert len(runs) == 1 and "holds the same run as" in text and (tmp_path / "p.png").stat().st_size > 1000
     assert all(line.endswith("knn_eval") for line in text.splitlines() if "momentum" in line and "ReSA" in line)
+    # another --select-space, or another encoder stem, is another experiment: a row of its own, not one more seed
+    for name, change in (("h", dict(select_space="encoding")),
+                         ("pad", dict(stem="cifar-pad", lambda_proto=0.0, mu_mix=0.0))):
+        shutil.copytree(out, tmp_path / name)
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        (tmp_path / name / "config.json").write_text(json.dumps({**config, **change}))
+    knn_eval.summarize([str(out), str(tmp_path / "h"), str(tmp_path / "pad")])
+    rows = [line for line in capsys.readouterr().out.splitlines() if "ReSA 5-NN" in line]
+    assert [line.split()[0] for line in rows] == ["synthetic", "synthetic", "synthetic"]
+    assert "momentum/joint/h" in rows[1] and "(1)" in rows[0] and "(1)" in rows[1] and "(cifar-pad stem)" in rows[2]
+    assert all(line.split()[-2] == "-" for line in rows)  # no default-stem ReSA run: no gain in any row
     O.train(O.parse_config(["--resume", str(out / "last.pt"), "--epochs", "3"]))  # extended after evaluation
     assert "the lr and EMA schedules are recomputed for 3" in capsys.readouterr().out
     runs = knn_eval.summarize([str(out)])
@@ -1675,10 +1686,18 @@ def test_resume_names_an_architecture_setting_that_differs(tmp_path, capsys):
 
 
 def test_a_run_folder_given_as_checkpoint_names_the_file(tmp_path, capsys):
+    """... and knn_eval's flags that do not go together are refused in one line each, before any work."""
     out = O.train(tiny_config(tmp_path, "--max-steps", "1"))
     for fn, argv in ((knn_eval.main, ["--checkpoint", out]), (O.main, ["--resume", out])):
         err = one_line_exit_2(fn, argv, capsys)
         assert "is a folder, not a checkpoint" in err and os.path.join(out, "last.pt") in err, err
+    last = ["--checkpoint", os.path.join(out, "last.pt")]
+    for argv, says in ((["--image-size", "64"], "--image-size is for --transfer"),
+                       (["--transfer", str(tmp_path), "--data-dir", "x"], "leave out --dataset and --data-dir"),
+                       (["--transfer", str(tmp_path), "--finetune", "0.1"], "not both"),
+                       (["--finetune", "2"], "--finetune is a fraction")):
+        assert says in one_line_exit_2(knn_eval.main, last + argv, capsys)
+    assert sorted(os.listdir(out)) == ["config.json", "last.pt"]  # no eval*.json written
 
 
 def test_plot_without_matplotlib_fails_before_the_table(tmp_path, capsys, monkeypatch):
