@@ -977,8 +977,8 @@ RUN_CONTROL = ("out", "overwrite", "resume", "max_steps", "keep_every", "compile
                "memory_format")
 
 
-# settings that fix the shapes of what a checkpoint holds (networks, memory bank): a resumed run keeps them
-SHAPES = ("width", "proj_hidden", "proj_dim", "stem", "bank_size", "select_space")
+# settings that fix which tensors a checkpoint holds and their shapes (networks, memory bank): a resumed run keeps them
+FIXED_BY_CHECKPOINT = ("width", "proj_hidden", "proj_dim", "stem", "bank_size", "select_space")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -1003,8 +1003,9 @@ def parse_config(argv=None) -> Config:
     if cfg.resume:  # the run's own settings, except those given on this command line
         given = vars(build_parser(defaults=False).parse_args(argv))
         saved = {k: v for k, v in read_checkpoint(cfg.resume)["config"].items() if k not in RUN_CONTROL}
-        for name in set(SHAPES) & set(given):  # the saved tensors have these sizes
-            if given[name] != saved.get(name, given[name]):
+        for name in set(FIXED_BY_CHECKPOINT) & set(given):
+            saved.setdefault(name, getattr(Config, name))  # a checkpoint from before the setting ran its default
+            if given[name] != saved[name]:
                 flag = "--" + name.replace("_", "-")
                 raise UsageError(f"{cfg.resume} has {flag} {saved[name]}, this run {flag} {given[name]}: drop {flag} "
                                  f"or set it to {saved[name]}")

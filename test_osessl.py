@@ -1682,6 +1682,10 @@ def test_resume_names_an_architecture_setting_that_differs(tmp_path, capsys):
         err = one_line_exit_2(O.main, ["--resume", last, flag, value], capsys)
         assert f"has {flag} {saved}, this run {flag} {value}: drop {flag} or set it to {saved}" in err, err
     assert open(last, "rb").read() == before
+    ck = O.read_checkpoint(last)  # a checkpoint from before --select-space existed ran the default, embedding
+    torch.save(dict(ck, config={k: v for k, v in ck["config"].items() if k != "select_space"}), tmp_path / "old.pt")
+    err = one_line_exit_2(O.main, ["--resume", str(tmp_path / "old.pt"), "--select-space", "encoding"], capsys)
+    assert "has --select-space embedding, this run --select-space encoding" in err, err
     assert json.load(open(os.path.join(out, "config.json")))["out"] == out  # the folder used, not ""
 
 
