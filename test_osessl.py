@@ -1757,6 +1757,19 @@ def test_notebook_setup_reads_paths_from_where_the_user_stands(tmp_path):
     assert missing.returncode == 1 and len(err.splitlines()) == 1, err
     assert f"no checkpoint at {tmp_path / 'runs' / 'b' / 'last.pt'}: set OSESSL_CHECKPOINT" in err
     assert "--keep-every 3" in err and "--out runs/cpu-recipe/osessl-s0" in err
+    # a run that chose in backbone features: the notebooks load its bank, say so, and follow its own choice
+    O.train(O.parse_config(TINY + ["--epochs", "1", "--eval-every", "0", "--select-space", "encoding",
+                                   "--out", str(tmp_path / "runs" / "e")]))
+    check = """import common as c, torch
+b, idx = c.trained_neighbours(c.ck)
+h = c.O.extract_features(c.momentum.encoder, c.train_x[c.ex_idx], c.mean, c.std)
+by_hand = c.O.discriminative_scores(b.select, c.F.normalize(h, dim=1), c.cfg.alpha)
+by_hand = by_hand.masked_fill(~b.valid()[None], float('-inf')).topk(c.cfg.k, 1).indices
+print(c.describe_run(), torch.equal(idx, by_hand), sorted(c.headroom(c.ck)))"""
+    done = subprocess.run([sys.executable, "-c", check], cwd=os.path.join(HERE, "notebooks"), capture_output=True,
+                          text=True, timeout=300, env=dict(env, OSESSL_CHECKPOINT=str(tmp_path / "runs" / "e" / "last.pt")))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "(--select-space encoding)" in done.stdout and " True [" in done.stdout and "'precision h'" in done.stdout
 
 
 def test_transfer_knn_on_another_imagefolder(tmp_path, capsys):

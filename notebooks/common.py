@@ -2,13 +2,14 @@
 
 Environment (relative paths are read from where you started Jupyter, else from the repository root):
   OSESSL_CHECKPOINT  a last.pt (default runs/cpu-recipe/osessl-s0/last.pt, README's laptop recipe)
-  OSESSL_DATA        the ImageFolder root it was trained on (default data/cifar10)
+  OSESSL_DATA        the ImageFolder root it was trained on (default: the --data-dir it records)
   OSESSL_FAST=1      instead train a tiny network for a few steps on --dataset synthetic (CI does)
 """
 import json
 import os
 import sys
 import tempfile
+from functools import partial
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # osessl.py and knn_eval.py sit one folder up
@@ -48,12 +49,13 @@ else:
         raise SystemExit(f"no checkpoint at {CHECKPOINT}: set OSESSL_CHECKPOINT to a last.pt written by osessl.py, "
                          f"or make the laptop recipe's (about an hour on 2 CPU cores) from the repository root: "
                          f"{RECIPE}")
-try:
-    ck = O.read_checkpoint(CHECKPOINT)
-    cfg = O.Config(**ck["config"])
-    if not FAST:
-        cfg.data_dir = resolve(os.environ.get("OSESSL_DATA", "data/cifar10"))
-    train_x, train_y, test_x, test_y, C = O.load_data(cfg)
+ck = O.read_checkpoint(CHECKPOINT)
+cfg = O.Config(**ck["config"])
+if not FAST:  # the data the run was trained on, unless told otherwise
+    cfg.data_dir = resolve(os.environ.get("OSESSL_DATA", cfg.data_dir))
+    cfg.resume = CHECKPOINT
+try:  # the checkpoint's classes are checked against the folder before any image is decoded
+    train_x, train_y, test_x, test_y, C = O.load_data(cfg, partial(O.load_checkpoint, cfg, ck=ck))
 except O.UsageError as e:  # one line, as osessl.py gives it, not a traceback through this file
     raise SystemExit(f"{e} (OSESSL_CHECKPOINT={CHECKPOINT}, OSESSL_DATA={cfg.data_dir})") from None
 names = sorted(os.listdir(os.path.join(cfg.data_dir, "train"))) if cfg.dataset == "imagefolder" else \
@@ -73,9 +75,20 @@ def embed(net, images):
 
 
 def memory_bank(checkpoint):
-    bank = O.MemoryBank(cfg.bank_size, cfg.proj_dim)
+    bank = O.memory_bank(cfg)
     bank.load_state_dict(checkpoint["bank"])
     return bank
+
+
+def trained_neighbours(checkpoint):
+    """The bank and the neighbours (C, k) the run itself chooses at this checkpoint: the un-augmented exemplars
+    through the --exemplar-select network score the bank, in the space the run chooses in (--select-space)."""
+    b = memory_bank(checkpoint)
+    net = network(checkpoint["momentum" if cfg.exemplar_select == "momentum" else "net"])
+    h = O.extract_features(net.encoder, train_x[checkpoint["exemplars"]], mean, std)
+    select_by = None if b.select is None else F.normalize(h, dim=1)
+    return b, O.build_prototypes(O.project(net, h), b.feats, b.valid(), cfg.k, cfg.alpha, cfg.tau_w,
+                                 select_by=select_by, select_feats=b.select)[1]
 
 
 online, momentum, bank = network(ck["net"]), network(ck["momentum"]), memory_bank(ck)
@@ -102,9 +115,11 @@ def describe_run():
         figures = f"5-NN {knn[-1]['knn5']:.2f}% at epoch {knn[-1]['epoch']} (in training)"
     where = os.path.relpath(CHECKPOINT, ROOT) if CHECKPOINT.startswith(ROOT + os.sep) else CHECKPOINT
     where = "of a tiny fresh run (OSESSL_FAST=1)" if FAST else where
-    return (f"checkpoint {where}: step {ck['step']} (epoch {ck['epoch']} of {cfg.epochs}), {cfg.dataset}, {C} classes, "
-            f"width {cfg.width}, memory bank {int(bank.filled)} / {cfg.bank_size} filled, k = {cfg.k}, "
-            f"alpha = {cfg.alpha}; {figures}; chance {100 / C:.0f}%")
+    space = ("; it chose neighbours in backbone features h (--select-space encoding), the cells below score in z, the "
+             "paper's space" if cfg.select_space == "encoding" else "")
+    return (f"checkpoint {where}: step {ck['step']} (epoch {ck.get('epoch', '?')} of {cfg.epochs}), {cfg.dataset}, "
+            f"{C} classes, width {cfg.width}, memory bank {int(bank.filled)} / {cfg.bank_size} filled, k = {cfg.k}, "
+            f"alpha = {cfg.alpha}; {figures}; chance {100 / C:.0f}%{space}")
 
 
 @torch.no_grad()
@@ -120,7 +135,7 @@ def headroom(checkpoint):
     ids = b.ids[b.valid()]
     row = {}
     for space, (train, test) in {"h": (h_train, h_test),
-                                 "z": (knn_eval.project(net, h_train), knn_eval.project(net, h_test))}.items():
+                                 "z": (O.project(net, h_train), O.project(net, h_test))}.items():
         train, test = F.normalize(train, dim=1), F.normalize(test, dim=1)
         filled = torch.ones(len(ids), dtype=torch.bool)
         protos, nbr, _ = O.build_prototypes(train[ex], train[ids], filled, cfg.k, cfg.alpha, cfg.tau_w)
