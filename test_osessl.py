@@ -1766,8 +1766,9 @@ h = c.O.extract_features(c.momentum.encoder, c.train_x[c.ex_idx], c.mean, c.std)
 by_hand = c.O.discriminative_scores(b.select, c.F.normalize(h, dim=1), c.cfg.alpha)
 by_hand = by_hand.masked_fill(~b.valid()[None], float('-inf')).topk(c.cfg.k, 1).indices
 print(c.describe_run(), torch.equal(idx, by_hand), sorted(c.headroom(c.ck)))"""
+    encoding_run = dict(env, OSESSL_CHECKPOINT=str(tmp_path / "runs" / "e" / "last.pt"))
     done = subprocess.run([sys.executable, "-c", check], cwd=os.path.join(HERE, "notebooks"), capture_output=True,
-                          text=True, timeout=300, env=dict(env, OSESSL_CHECKPOINT=str(tmp_path / "runs" / "e" / "last.pt")))
+                          text=True, timeout=300, env=encoding_run)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "(--select-space encoding)" in done.stdout and " True [" in done.stdout and "'precision h'" in done.stdout
 
