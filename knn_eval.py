@@ -214,7 +214,7 @@ def summarize(run_dirs, plot=None):
 
 def momentum_network(path, ck, cfg, device):
     """The checkpoint's momentum network (its encoder is what every protocol evaluates) and memory bank."""
-    net, bank = osessl.Network(cfg.width, cfg.proj_hidden, cfg.proj_dim, cfg.stem), osessl.memory_bank(cfg)
+    net, bank = osessl.network(cfg), osessl.memory_bank(cfg)
     osessl.load_parts(path, ck, dict(momentum=net, bank=bank))  # only what this program reads
     return net.to(device), bank.to(device)
 

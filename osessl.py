@@ -345,36 +345,44 @@ def training_step(run, x_weak, x_strong, ids, rnd, lr, m):
 # (both networks, Sinkhorn, prototypes, every term). Tests check both, and that 2 processes compute 1's L.
 
 
-# ============ 6. Networks: ResNet-18 (CIFAR stem), projector, momentum copies ============
-def basic_block(cin, cout, stride):
-    """torchvision's ResNet BasicBlock, with the 1x1 projection shortcut where the shape changes."""
-    from torchvision.models.resnet import BasicBlock
+# ============ 6. Networks: ResNet-18 or -50 (CIFAR stem), projector, momentum copies ============
+def resnet_block(block, cin, planes, stride):
+    """torchvision's BasicBlock or Bottleneck, with the 1x1 projection shortcut where the shape changes."""
+    cout = planes * block.expansion
     shortcut = None if stride == 1 and cin == cout else \
         nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-    return BasicBlock(cin, cout, stride, shortcut)
+    return block(cin, planes, stride, shortcut)
 
 
-class ResNet18(nn.Module):
-    """torchvision's resnet18 without fc, with the CIFAR stem (3x3 conv, stride 1, no max-pool) or
-    torchvision's own (7x7 conv, stride 2, max-pool) for larger images. Same module names, so state
-    dicts interchange with torchvision's (a test checks parity); `width` scales every stage (64 =
-    ResNet-18; smaller widths keep CPU tests fast). stem "cifar-pad" is ReSA's official CIFAR
-    encoder: the CIFAR stem after zero-padding the input by 1 px (no parameters, so the state dict
-    is the same)."""
+def resnet_blocks(arch):
+    """--arch: torchvision's block type and blocks per stage."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+    return {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet50": (Bottleneck, (3, 4, 6, 3))}[arch]
 
-    def __init__(self, width=64, stem="cifar"):
+
+class ResNet(nn.Module):
+    """torchvision's resnet18 or resnet50 without fc, with the CIFAR stem (3x3 conv, stride 1, no max-pool)
+    or torchvision's own (7x7 conv, stride 2, max-pool) for larger images. Same module names, so state
+    dicts interchange with torchvision's (a test checks parity); `width` scales every stage (64 = the real
+    networks; smaller widths keep CPU tests fast). stem "cifar-pad" is ReSA's official CIFAR encoder: the
+    CIFAR stem after zero-padding the input by 1 px (no parameters, so the state dict is the same).
+    Features h: 8 x width (ResNet-18: 512) or 32 x width (ResNet-50: 2048)."""
+
+    def __init__(self, width=64, stem="cifar", arch="resnet18"):
         super().__init__()
-        cifar = stem in ("cifar", "cifar-pad")
+        cifar, (block, depths) = stem in ("cifar", "cifar-pad"), resnet_blocks(arch)
         self.pad = nn.ZeroPad2d(1) if stem == "cifar-pad" else nn.Identity()
         self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False) if cifar else nn.Conv2d(3, width, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.Identity() if cifar else nn.MaxPool2d(3, 2, 1)
-        widths = [width, 2 * width, 4 * width, 8 * width]
         cin = width
-        for i, (w, stride) in enumerate(zip(widths, (1, 2, 2, 2))):
-            setattr(self, f"layer{i + 1}", nn.Sequential(basic_block(cin, w, stride), basic_block(w, w, 1)))
-            cin = w
+        for i, (n, stride) in enumerate(zip(depths, (1, 2, 2, 2))):
+            planes = width * 2 ** i
+            blocks = [resnet_block(block, cin, planes, stride)]
+            cin = planes * block.expansion
+            blocks += [resnet_block(block, cin, planes, 1) for _ in range(n - 1)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Identity()
         self.dim = cin
@@ -392,9 +400,9 @@ class Network(nn.Module):
     """Encoder f and projector g. One call forwards several views *separately* (each its own
     BatchNorm batch, as ReSA does), so that DDP sees one forward per step."""
 
-    def __init__(self, width=64, hidden=2048, dim=512, stem="cifar"):
+    def __init__(self, width=64, hidden=2048, dim=512, stem="cifar", arch="resnet18"):
         super().__init__()
-        self.encoder = ResNet18(width, stem)
+        self.encoder = ResNet(width, stem, arch)
         e = self.encoder.dim
         self.projector = nn.Sequential(  # biases before BN would be cancelled by it
             nn.Linear(e, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
@@ -916,7 +924,9 @@ class Config:
     exemplar_bn: str = opt("joint", "paper silent: exemplars in their own BatchNorm batch, or with the weak views",
                            "alone joint")
     # networks
-    width: int = opt(64, "ResNet-18 base width (64: the real one; tests use 8)", at_least=1)
+    arch: str = opt("resnet18", "encoder: ResNet-18 (the paper's CIFAR and ImageNet-100) or -50 (its ImageNet-1K)",
+                    "resnet18 resnet50")
+    width: int = opt(64, "ResNet base width (64: the real networks; tests use 8)", at_least=1)
     stem: str = opt("auto", "cifar | cifar-pad (ReSA's official) | imagenet | auto (cifar up to 64 px)",
                     "auto cifar cifar-pad imagenet")
     proj_hidden: int = opt(2048, "projector hidden size", at_least=1)
@@ -978,7 +988,7 @@ RUN_CONTROL = ("out", "overwrite", "resume", "max_steps", "keep_every", "compile
 
 
 # settings that fix which tensors a checkpoint holds and their shapes (networks, memory bank): a resumed run keeps them
-FIXED_BY_CHECKPOINT = ("width", "proj_hidden", "proj_dim", "stem", "bank_size", "select_space")
+FIXED_BY_CHECKPOINT = ("arch", "width", "proj_hidden", "proj_dim", "stem", "bank_size", "select_space")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -1288,9 +1298,14 @@ def all_exemplars(run, z):
     return differentiable_sum(full)
 
 
+def network(cfg):
+    return Network(cfg.width, cfg.proj_hidden, cfg.proj_dim, cfg.stem, cfg.arch)
+
+
 def memory_bank(cfg, device=None):
-    """The run's MemoryBank; with --select-space encoding it also keeps the ResNet-18 features (8 x width)."""
-    return MemoryBank(cfg.bank_size, cfg.proj_dim, device, 8 * cfg.width if cfg.select_space == "encoding" else 0)
+    """The run's MemoryBank; with --select-space encoding it also keeps the backbone features h."""
+    h_dim = 8 * cfg.width * resnet_blocks(cfg.arch)[0].expansion
+    return MemoryBank(cfg.bank_size, cfg.proj_dim, device, h_dim if cfg.select_space == "encoding" else 0)
 
 
 def memory_format(cfg, device):
@@ -1304,8 +1319,7 @@ def build_run(cfg, rank, world, device, train_x, train_y, ex_idx, num_classes):
     the training split the bank's ids point into, for diagnostics)."""
     cuda = device.type == "cuda"
     mean, std = (t.to(device) for t in channel_stats(train_x))
-    net = Network(cfg.width, cfg.proj_hidden, cfg.proj_dim, cfg.stem)
-    momentum = Network(cfg.width, cfg.proj_hidden, cfg.proj_dim, cfg.stem)
+    net, momentum = network(cfg), network(cfg)
     momentum.load_state_dict(net.state_dict())
     momentum.requires_grad_(False)
     if world > 1:

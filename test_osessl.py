@@ -277,7 +277,7 @@ def test_resnet18_matches_torchvision():
     ref = torchvision.models.resnet18()
     ref.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
     ref.maxpool, ref.fc = torch.nn.Identity(), torch.nn.Identity()
-    ours = O.ResNet18(64)
+    ours = O.ResNet(64)
     ours.load_state_dict(ref.state_dict())
     x = torch.randn(2, 3, 32, 32)
     ref.eval(), ours.eval()
@@ -290,7 +290,7 @@ def test_padded_stem_is_resas_official_cifar_encoder():
     """--stem cifar-pad: the input zero-padded by 1 px before the CIFAR stem, as ReSA's official CIFAR
     ResNet; its feature maps are 34/17/9/5 at 32 px, it equals the standard encoder applied to the
     padded image, and the state dicts interchange (the pad has no parameters)."""
-    plain, padded = O.ResNet18(8, "cifar"), O.ResNet18(8, "cifar-pad")
+    plain, padded = O.ResNet(8, "cifar"), O.ResNet(8, "cifar-pad")
     padded.load_state_dict(plain.state_dict())
     sizes = []
     for i in range(1, 5):
@@ -929,13 +929,32 @@ def test_stem_follows_the_image_size_and_matches_torchvision():
     assert (O.settle(cfg, 64).stem, O.settle(cfg, 65).stem) == ("cifar", "imagenet")
     assert (O.settle(cfg, 64).blur, O.settle(cfg, 65).blur) == ("off", "on")
     assert O.settle(O.parse_config(TINY + ["--stem", "cifar", "--blur", "off"]), 224).stem == "cifar"
-    ref, ours = torchvision.models.resnet18(), O.ResNet18(64, "imagenet")
+    ref, ours = torchvision.models.resnet18(), O.ResNet(64, "imagenet")
     ref.fc = torch.nn.Identity()
     ours.load_state_dict(ref.state_dict())
     x = torch.randn(2, 3, 96, 96)
     ref.eval(), ours.eval()
     with torch.no_grad():
         assert torch.allclose(ours(x), ref(x), atol=1e-5)
+
+
+def test_resnet50_is_torchvisions_and_trains_a_step(tmp_path):
+    """--arch resnet50, the paper's ImageNet-1K backbone: torchvision's resnet50 (state dicts interchange, same
+    outputs), features of 32 x width (2048 at width 64) that flow unchanged through the projector, the memory
+    bank's backbone features (--select-space encoding), the in-training k-NN and knn_eval.py."""
+    import torchvision
+    ref, ours = torchvision.models.resnet50(), O.ResNet(64, "imagenet", "resnet50")
+    ref.fc = torch.nn.Identity()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    ref.eval(), ours.eval()
+    with torch.no_grad():
+        assert torch.allclose(ours(x), ref(x), atol=1e-5) and ours(x).shape == (2, 2048)
+    out = O.train(tiny_config(tmp_path, *SMALL, "--arch", "resnet50", "--select-space", "encoding"))
+    ck = O.read_checkpoint(os.path.join(out, "last.pt"))
+    assert ck["bank"]["select"].shape == (128, 32 * 8) and ck["momentum"]["projector.0.weight"].shape == (64, 256)
+    assert "knn5" in json.loads(open(os.path.join(out, "metrics.jsonl")).read().splitlines()[-1])
+    assert "oneshot_prototype" in knn_eval.main(["--checkpoint", os.path.join(out, "last.pt")])
 
 
 def test_both_stems_train_a_step(tmp_path):
@@ -1816,7 +1835,7 @@ def test_finetuning_learns_from_the_labeled_fraction_only(tmp_path, capsys):
     for name, labels in (("true", ty), ("shuffled", ty[torch.randperm(len(ty), generator=torch.Generator()
                                                                         .manual_seed(1))])):
         torch.manual_seed(0)
-        accuracy[name] = knn_eval.finetune(O.ResNet18(8), tx, labels, vx, vy, C, mean, std, epochs=15, batch_size=32)
+        accuracy[name] = knn_eval.finetune(O.ResNet(8), tx, labels, vx, vy, C, mean, std, epochs=15, batch_size=32)
     assert accuracy["true"] > 60 and accuracy["shuffled"] < 25, accuracy
     out = O.train(tiny_config(tmp_path, "--eval-every", "0"))
     before = open(os.path.join(out, "last.pt"), "rb").read()

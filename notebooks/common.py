@@ -64,7 +64,7 @@ mean, std = O.channel_stats(train_x)
 
 
 def network(state):
-    net = O.Network(cfg.width, cfg.proj_hidden, cfg.proj_dim, cfg.stem)
+    net = O.network(cfg)
     net.load_state_dict(state)
     return net.eval()
 
