@@ -79,7 +79,8 @@ def linear_probe(train_f, train_y, test_f, test_y, num_classes, epochs=500, batc
 @torch.no_grad()
 def one_shot(test_z, test_y, exemplar_z, prototypes=None):
     """Accuracy (%) of assigning each normalised test embedding to its most similar exemplar
-    embedding, and to its most similar prototype; row c of both is class c (the only labels used).
+    embedding (with S per class: their class_anchor), and to its most similar prototype; row c of both is
+    class c (the only labels used).
     No prototypes (a ReSA run keeps no memory bank): the exemplar row only."""
     acc = lambda centres: ((test_z @ centres.T).argmax(1) == test_y).float().mean().item() * 100
     res = {"oneshot_exemplar": acc(exemplar_z)}
@@ -413,15 +414,18 @@ def main(argv=None):
                                          log=lambda epoch: say(f"linear probe: epoch {epoch}/500"))
         ex_h = feats(net.encoder, exemplar_x)
         train_z, test_z, ex_z = (project(net, h) for h in (train_f, test_f, ex_h))
+        per_class = lambda z: z.unflatten(0, (num_classes, -1))  # (C, S, .): S labeled images per class
         res["oracle_ncm_h"] = nearest_class_mean(train_f, train_y, test_f, test_y, num_classes)
         res["oracle_ncm_z"] = nearest_class_mean(train_z, train_y, test_z, test_y, num_classes)
         valid, protos = bank.valid(), None  # without a filled bank a "prototype" is the exemplar alone: not reported
         if valid.any():  # chosen as the run chose them: in z, or in h (--select-space encoding)
-            in_h = dict(select_by=F.normalize(ex_h, dim=1), select_feats=bank.select) if bank.select is not None else {}
-            protos = osessl.build_prototypes(ex_z, bank.feats, valid, cfg.k, cfg.alpha, cfg.tau_w, **in_h)[0]
-        res.update(one_shot(test_z, test_y, ex_z, protos))
+            in_h = {} if bank.select is None else dict(select_by=per_class(F.normalize(ex_h, dim=1)),
+                                                         select_feats=bank.select)
+            protos = osessl.build_prototypes(per_class(ex_z), bank.feats, valid, cfg.k, cfg.alpha, cfg.tau_w,
+                                             **in_h)[0]
+        res.update(one_shot(test_z, test_y, osessl.class_anchor(per_class(ex_z)), protos))
         diagnostics = osessl.precision_by_space(net, full_x, full_y.to(device), bank, exemplar_x, mean, std, cfg.k,
-                                                cfg.alpha)  # labels training never reads; empty for ReSA
+                                                cfg.alpha, C=num_classes)  # labels training never reads
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

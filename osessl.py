@@ -49,8 +49,9 @@ CHECKPOINT_FORMAT = 1
 # The method (sections 1-5): functions of tensors, copyable one by one; osessl_loss is all of L (objective and
 # training_step then wire it to the networks, the bank and the optimiser).
 #   B    images per step on this process; B_g = B x processes, the global batch (one process: B_g = B)
-#   C    classes, one labeled exemplar each; K memory-bank entries; k neighbours per exemplar
-#   d    embedding size; e backbone feature size (512 for ResNet-18 at width 64)
+#   C    classes, one labeled exemplar each (S each with --exemplars-per-class S: the paper's "Ours*");
+#        K memory-bank entries; k neighbours per class
+#   d    embedding size; e backbone feature size (512 for ResNet-18 at width 64, 2048 for ResNet-50)
 #   h    backbone features f(x), (., e): what ReSA's Sinkhorn compares (they cluster better than z)
 #   z    embeddings norm(g(f(x))), (., d), unit length: what every loss compares
 #   _m   the momentum network's (the paper's prime): z_weak_m is z'_1; no gradient ever reaches it
@@ -140,6 +141,12 @@ def discriminative_scores(feats, exemplars, alpha=0.75):
     return alpha * sim - (1 - alpha) * other
 
 
+def class_anchor(z):
+    """(C, S, d) -> (C, d): the direction of each class's S labeled embeddings, their normalised mean (the
+    prototypical-network centre); S = 1: the exemplar itself, untouched (the paper's one-shot method)."""
+    return z[:, 0] if z.shape[1] == 1 else F.normalize(z.mean(1), dim=-1)
+
+
 def build_prototypes(z_ex, feats, valid, k=8, alpha=0.75, tau_w=1.0, select_by=None, select_feats=None):
     """The prototype of class c: c^c = norm(sum_j pi^(c,j) q^(c,j)) over P^c = {z_l^c} U S_c, S_c the
     top-k bank entries by s(c, .), with soft weights pi^(c,.) = softmax_j(<z_l^c, q^(c,j)> / tau_w).
@@ -148,19 +155,24 @@ def build_prototypes(z_ex, feats, valid, k=8, alpha=0.75, tau_w=1.0, select_by=N
     slots (the others get weight 0); select_by: (C, d) other exemplar embeddings that score the bank
     instead (--exemplar-select momentum), for the choice only; select_feats (K, e): other features of the
     same entries that select_by (then (C, e)) scores instead of feats (--select-space encoding: both
-    normalised backbone features h). The top-k choice is discrete and passes no gradient. Returns
-    prototypes (C, d), neighbour indices (C, k), weights (C, k + 1) (column 0: z_l)."""
+    normalised backbone features h). The top-k choice is discrete and passes no gradient.
+    S labeled images per class (z_ex and select_by (C, S, .)): all S are members, and their class_anchor
+    takes z_l^c's place in the score and the weights. Returns prototypes (C, d), neighbour indices
+    (C, k), weights (C, S + k) (the first S columns: the labeled members)."""
     if k > len(feats):
         raise ValueError(f"k = {k} neighbours per exemplar is more than the memory bank's {len(feats)} entries")
     if select_feats is not None and select_by is None:
         raise ValueError("select_feats: other features of the entries need the exemplars' features in that space "
                          "(select_by)")
-    key, entries = z_ex if select_by is None else select_by, feats if select_feats is None else select_feats
+    per_class = lambda z: z if z.dim() == 3 else z[:, None]  # (C, d) is S = 1
+    z_ex, S = per_class(z_ex), per_class(z_ex).shape[1]
+    key = class_anchor(z_ex if select_by is None else per_class(select_by))
+    entries = feats if select_feats is None else select_feats
     scores = discriminative_scores(entries, key.detach(), alpha).masked_fill(~valid[None], float("-inf"))
     top, idx = scores.topk(k, dim=1)                           # a discrete choice: no gradient
-    members = torch.cat([z_ex[:, None], feats[idx]], 1)        # (C, k + 1, d)
-    logits = (z_ex[:, None] * members).sum(-1) / tau_w
-    logits = torch.cat([logits[:, :1], logits[:, 1:].masked_fill(top == float("-inf"), float("-inf"))], 1)
+    members = torch.cat([z_ex, feats[idx]], 1)                 # (C, S + k, d)
+    logits = (class_anchor(z_ex)[:, None] * members).sum(-1) / tau_w
+    logits = torch.cat([logits[:, :S], logits[:, S:].masked_fill(top == float("-inf"), float("-inf"))], 1)
     weights = logits.softmax(1)
     return F.normalize((weights[..., None] * members).sum(1), dim=-1), idx, weights
 
@@ -242,7 +254,8 @@ def osessl_loss(z_weak, z_strong, h_weak, z_weak_m, z_strong_m, h_weak_m, z_ex=N
     Online network, this process's B images, with gradient: z_weak, z_strong (B, d), h_weak (B, e).
     Momentum network, the global batch (this process's rows from first_row): z_weak_m, z_strong_m (B_g, d),
     h_weak_m (B_g, e). Without z_ex, L is ReSA's. z_ex (C, d): the exemplars' online embeddings (row c:
-    class c), with gradient; select_by (C, d): others that choose their neighbours (default z_ex); bank
+    class c; (C, S, d) with S per class), with gradient; select_by (C, d): others that choose their
+    neighbours (default z_ex); bank
     (K, d), bank_valid (K,): the memory bank's entries and filled slots; bank_select (K, e): the entries'
     normalised backbone features, scored by select_by (then the exemplars' normalised h, (C, e)) to choose
     the neighbours (--select-space encoding). z_mix (B, d): online embeddings of x_mix,i = beta_i x_weak,i
@@ -700,27 +713,32 @@ def device_free_bytes(device):
 
 
 def select_exemplars(cfg, train_y, num_classes):
-    """D_l: one training index per class, entry c holding class c. Drawn with --exemplar-seed (this
-    simulates the annotator, who looks at labels) or read from --exemplars."""
+    """D_l: S = --exemplars-per-class distinct training indices per class, class by class (entries
+    cS .. cS + S - 1 hold class c). Drawn with --exemplar-seed (this simulates the annotator, who looks at
+    labels) or read from --exemplars."""
+    S = cfg.exemplars_per_class
     if cfg.exemplars:
         try:
             with open(cfg.exemplars) as f:
                 idx = json.load(f)
-            ok = type(idx) is list and len(idx) == num_classes and all(type(i) is int for i in idx) \
-                and all(0 <= i < len(train_y) for i in idx) and len(train_y[idx].unique()) == num_classes
+            ok = type(idx) is list and all(type(i) is int for i in idx) and len(set(idx)) == len(idx) \
+                and all(0 <= i < len(train_y) for i in idx) \
+                and torch.bincount(train_y[idx], minlength=num_classes).eq(S).all().item()
         except (OSError, ValueError):
             ok = False
         if not ok:
-            raise UsageError(f"--exemplars {cfg.exemplars}: give a JSON list of {num_classes} training indices "
-                             f"(0..{len(train_y) - 1}), one image of each class")
-        return torch.tensor(idx)[train_y[idx].argsort()]
+            raise UsageError(f"--exemplars {cfg.exemplars}: give a JSON list of {num_classes * S} training indices "
+                             f"(0..{len(train_y) - 1}), {S} of each class, all different (--exemplars-per-class {S})")
+        return torch.tensor(idx)[train_y[idx].argsort(stable=True)]
     g = torch.Generator().manual_seed(cfg.exemplar_seed)
     picks = []
     for c in range(num_classes):
         members = (train_y == c).nonzero().flatten()
-        if len(members) == 0:
-            raise UsageError(f"class {c} has no training image, so it cannot have an exemplar")
-        picks.append(members[torch.randint(len(members), (1,), generator=g)])
+        if len(members) < S:
+            raise UsageError(f"class {c} has {len(members)} training images, fewer than --exemplars-per-class {S}")
+        # S = 1 draws as it always has, so that one-shot runs keep their exemplars
+        pick = torch.randint(len(members), (1,), generator=g) if S == 1 else torch.randperm(len(members), generator=g)
+        picks.append(members[pick[:S]])
     return torch.cat(picks)
 
 
@@ -917,7 +935,9 @@ class Config:
                        "auto device host")
     # the one-shot split
     exemplar_seed: int = opt(0, "seed that draws the one labeled exemplar per class", **SEED)
-    exemplars: str = opt("", "JSON list of training indices, one per class (instead of --exemplar-seed)")
+    exemplars_per_class: int = opt(1, "S labeled images per class (1: the paper's one-shot; more: its \"Ours*\")",
+                                   at_least=1)
+    exemplars: str = opt("", "JSON list of training indices, S of each class (instead of --exemplar-seed)")
     keep_exemplars_in_unlabeled: bool = opt(False, "paper silent: by default the exemplars leave D_u")
     exemplar_select: str = opt("momentum", "paper silent: the network whose exemplar embeddings choose neighbours",
                                "online momentum")
@@ -988,7 +1008,8 @@ RUN_CONTROL = ("out", "overwrite", "resume", "max_steps", "keep_every", "compile
 
 
 # settings that fix which tensors a checkpoint holds and their shapes (networks, memory bank): a resumed run keeps them
-FIXED_BY_CHECKPOINT = ("arch", "width", "proj_hidden", "proj_dim", "stem", "bank_size", "select_space")
+FIXED_BY_CHECKPOINT = ("exemplars_per_class", "arch", "width", "proj_hidden", "proj_dim", "stem", "bank_size",
+                       "select_space")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -1094,18 +1115,21 @@ def project(net, h):
 
 
 @torch.no_grad()
-def precision_by_space(net, images, labels, bank, exemplar_images, mean, std, k, alpha, to_net=lambda x: x):
-    """Diagnostic, never a loss: the neighbour precision when the un-augmented exemplars choose (by the
-    discriminative score) among the images the bank holds, all embedded afresh by `net`, in backbone
-    features h and in embeddings z (--select-space), whichever space the run chooses in."""
+def precision_by_space(net, images, labels, bank, exemplar_images, mean, std, k, alpha, to_net=lambda x: x, C=None):
+    """Diagnostic, never a loss: the neighbour precision when the un-augmented exemplars (S per class, class
+    by class, of C classes: default one each) choose (by the discriminative score of their class_anchor)
+    among the images the bank holds, all embedded afresh by `net`, in backbone features h and in embeddings z
+    (--select-space), whichever space the run chooses in."""
     ids = bank.ids[bank.valid()]
     if len(ids) < k:
         return {}
     h = extract_features(net.encoder, images, mean, std, to_net, index=ids.to(images.device))
     h_ex = extract_features(net.encoder, exemplar_images, mean, std, to_net)
-    report, classes = {}, torch.arange(len(h_ex), device=labels.device)[:, None]
+    C = C or len(h_ex)
+    report, classes = {}, torch.arange(C, device=labels.device)[:, None]
     for space, (entries, ex) in {"h": (h, h_ex), "z": (project(net, h), project(net, h_ex))}.items():
-        nbr = discriminative_scores(F.normalize(entries, dim=1), F.normalize(ex, dim=1), alpha).topk(k, dim=1).indices
+        ex = class_anchor(F.normalize(ex, dim=1).unflatten(0, (C, -1)))
+        nbr = discriminative_scores(F.normalize(entries, dim=1), ex, alpha).topk(k, dim=1).indices
         report[f"nbr_precision_{space}"] = (labels[ids[nbr].to(labels.device)] == classes).float().mean().item()
     return report
 
@@ -1148,14 +1172,15 @@ def evaluate(run, train_x, train_y, test_x, test_y, memory=None):
         cfg = run.cfg
         for name, net in (("online", run.net), ("momentum", run.momentum_net)):
             h = extract_features(net.encoder, run.exemplar_images, run.mean, run.std, run.to_net)
-            z = project(net, h).to(run.bank.feats.dtype)
+            z = project(net, h).to(run.bank.feats.dtype).unflatten(0, (run.num_classes, -1))  # (C, S, d)
             # the exemplars choose in the space the run chooses in (--select-space)
-            select_by = None if run.bank.select is None else F.normalize(h, dim=1).to(run.bank.select.dtype)
+            select_by = None if run.bank.select is None else \
+                F.normalize(h, dim=1).to(run.bank.select.dtype).unflatten(0, (run.num_classes, -1))
             nbr = build_prototypes(z, run.bank.feats, run.bank.valid(), cfg.k, cfg.alpha, cfg.tau_w,
                                    select_by=select_by, select_feats=run.bank.select)[1]
             report[f"nbr_precision_{name}"] = neighbour_precision(nbr, run.bank, run.labels).item()
         report.update(precision_by_space(run.momentum_net, run.images, run.labels, run.bank, run.exemplar_images,
-                                         run.mean, run.std, cfg.k, cfg.alpha, run.to_net))
+                                         run.mean, run.std, cfg.k, cfg.alpha, run.to_net, run.num_classes))
     return report
 
 
@@ -1245,14 +1270,15 @@ def load_checkpoint(cfg, train_y, num_classes, ck=None):
                          f"not {cfg.dataset} with {num_classes}: pass the matching --dataset/--data-dir")
     try:  # a ReSA run has no exemplars (before 2026-11-25 it drew them too)
         ex, ids, resa = ck["exemplars"], ck["bank"]["ids"], not Config(**ck["config"]).uses_exemplars
+        classes = torch.arange(num_classes).repeat_interleave(Config(**ck["config"]).exemplars_per_class)
         fits = ex.dtype == ids.dtype == torch.long and ex.dim() == 1 \
-            and (len(ex) == num_classes or resa and not len(ex)) \
+            and (len(ex) == len(classes) or resa and not len(ex)) \
             and ((0 <= ex) & (ex < len(train_y))).all() and ((-1 <= ids) & (ids < len(train_y))).all() \
-            and (not len(ex) or torch.equal(train_y[ex], torch.arange(num_classes)))
+            and (not len(ex) or torch.equal(train_y[ex], classes))
     except (KeyError, TypeError, AttributeError, RuntimeError):
         fits = False
     if not fits:
-        raise UsageError(f"{cfg.resume}: its exemplars and memory bank do not index one image per class of these "
+        raise UsageError(f"{cfg.resume}: its exemplars and memory bank do not index images of each class of these "
                          f"{len(train_y)} training images: pass the --data-dir it was trained on")
     return ck
 
@@ -1291,11 +1317,12 @@ def forward_views(net, views, xe, joint, exemplar_h=False):
 
 def all_exemplars(run, z):
     """Each process forwards the exemplars rank, rank + W, ... (so that synchronised BatchNorm sees
-    every exemplar once, whatever W); this puts the C rows together on every process, with gradient."""
-    if run.world == 1:
-        return z
-    full = z.new_zeros(run.num_classes, z.shape[1]).slice_scatter(z, 0, run.rank, None, run.world)
-    return differentiable_sum(full)
+    every exemplar once, whatever W); this puts the C rows together on every process, with gradient (with
+    --exemplars-per-class S > 1: (C, S, .), class c's S labeled images in row c)."""
+    if run.world > 1:
+        full = z.new_zeros(len(run.exemplar_images), z.shape[1]).slice_scatter(z, 0, run.rank, None, run.world)
+        z = differentiable_sum(full)
+    return z if len(z) == run.num_classes else z.unflatten(0, (run.num_classes, -1))
 
 
 def network(cfg):
@@ -1367,9 +1394,9 @@ def train(cfg, rank=0, world=1, device=None, node=(0, 1)):
                          "--batch-size")
     if cfg.uses_exemplars and num_classes < 2:
         raise UsageError("the dataset has fewer than 2 classes: the discriminative score needs at least 2")
-    if cfg.uses_exemplars and num_classes < world:
-        raise UsageError(f"{num_classes} classes for {world} processes: each process forwards a share of the "
-                         f"exemplars, so use at most {num_classes} processes")
+    if cfg.uses_exemplars and len(ex_idx) < world:
+        raise UsageError(f"{len(ex_idx)} exemplars for {world} processes: each process forwards a share of the "
+                         f"exemplars, so use at most {len(ex_idx)} processes")
     method = "osessl" if cfg.uses_exemplars else "resa"
     out = prepare_run_dir(cfg, method)
     cfg = replace(cfg, out=out)  # config.json and checkpoints record the folder used
@@ -1442,7 +1469,7 @@ def train(cfg, rank=0, world=1, device=None, node=(0, 1)):
             images = train_x[ids[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]]
             if not on_device:  # --data-on host: this step's images and ids to the device, without waiting
                 images, ids = (to_device(t) for t in (images, ids))
-            rnd = step_randomness(cfg.seed, step, Bg, num_classes, cfg.zeta, device, size, cfg.blur == "on")
+            rnd = step_randomness(cfg.seed, step, Bg, len(ex_idx), cfg.zeta, device, size, cfg.blur == "on")
             losses = training_step(run, *run.augment(run, images, rnd), ids, rnd, lr_at(step), m_at(step))
             # first step at which each term went non-finite, kept on the device (checked once per epoch)
             finite = torch.stack([v.isfinite() for v in losses.values()])

@@ -379,15 +379,18 @@ def test_resa_mode_trains_on_the_whole_training_split(tmp_path, capsys):
 # the default (momentum, joint: README's CPU study) and the other three settings of --exemplar-select / --exemplar-bn
 EXEMPLAR_FORWARD = [(), *[("--exemplar-select", s, "--exemplar-bn", b)
                           for s, b in (("online", "alone"), ("momentum", "alone"), ("online", "joint"))],
-                    ("--select-space", "encoding", "--exemplar-select", "online", "--exemplar-bn", "alone")]
-EXEMPLAR_IDS = ["default", "online-alone", "momentum-alone", "online-joint", "encoding-online-alone"]
+                    ("--select-space", "encoding", "--exemplar-select", "online", "--exemplar-bn", "alone"),
+                    ("--select-space", "encoding", "--exemplars-per-class", "3")]
+EXEMPLAR_IDS = ["default", "online-alone", "momentum-alone", "online-joint", "encoding-online-alone",
+                "encoding-3-per-class"]
 
 
 @pytest.mark.parametrize("setting", EXEMPLAR_FORWARD, ids=EXEMPLAR_IDS)
 def test_label_isolation(tmp_path, monkeypatch, setting):
-    """Training reads no label but the C exemplars': permuting all other labels changes nothing."""
+    """Training reads no label but the C x S exemplars': permuting all other labels changes nothing."""
     real = O.make_synthetic
-    ex = json.dumps(list(range(10)))  # synthetic labels are i % 10, so images 0..9 are one per class
+    n = 10 * (int(setting[setting.index("--exemplars-per-class") + 1]) if "--exemplars-per-class" in setting else 1)
+    ex = json.dumps(list(range(n)))  # synthetic labels are i % 10, so images 0..n-1 are n / 10 of each class
     (tmp_path / "ex.json").write_text(ex)
     cfg = lambda name: tiny_config(tmp_path / name, "--exemplars", str(tmp_path / "ex.json"), "--max-steps", "4",
                                    "--eval-every", "0", *setting)
@@ -395,8 +398,8 @@ def test_label_isolation(tmp_path, monkeypatch, setting):
 
     def permuted(*args, **kw):
         tx, ty, vx, vy, C = real(*args, **kw)
-        rest = ty[10:]
-        ty = torch.cat([ty[:10], rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(5))]])
+        rest = ty[n:]
+        ty = torch.cat([ty[:n], rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(5))]])
         return tx, ty, vx, vy, C
     monkeypatch.setattr(O, "make_synthetic", permuted)
     assert not torch.equal(O.load_data(cfg("b"))[1], real(10, 32, seed=0)[1])
@@ -611,6 +614,57 @@ def test_two_process_torchrun_matches_one_process(tmp_path, flags):
     for k in ("feats", "select"):  # select: the backbone features of --select-space encoding
         assert k not in ca["bank"] or torch.allclose(ca["bank"][k], cb["bank"][k], rtol=1e-9, atol=1e-9), k
     assert torch.equal(ca["bank"]["ids"], cb["bank"]["ids"])
+
+
+def test_several_exemplars_per_class_build_each_prototype_from_their_own_class():
+    """--exemplars-per-class S (the paper's "Ours*", more labels than one per class): class c's S labeled
+    embeddings are all members of its prototype and their normalised mean (class_anchor) scores the bank and
+    weighs the members; prototype c depends on class c's S embeddings alone (the choice of neighbours reads
+    the others, detached); S = 1 is the one-shot method exactly; float64 gradient check."""
+    C, S = 4, 3
+    z, bank, valid = unit(C * S, 6, seed=21).view(C, S, 6).requires_grad_(), unit(12, 6, seed=10), torch.ones(12) > 0
+    protos, idx, w = O.build_prototypes(z, bank, valid, k=3)
+    anchor = F.normalize(z.detach().mean(1), dim=-1)
+    by_anchor = O.discriminative_scores(bank, anchor).topk(3, dim=1).indices
+    members = torch.cat([z.detach(), bank[idx]], 1)  # (C, S + k, d): the first S are class c's own
+    assert torch.equal(idx, by_anchor) and w.shape == (C, S + 3)
+    assert torch.allclose(w, (anchor[:, None] * members).sum(-1).softmax(1))
+    assert torch.allclose(protos, F.normalize((w[..., None] * members).sum(1), dim=-1))
+    jac = torch.autograd.functional.jacobian(lambda e: O.build_prototypes(e, bank, valid, k=3)[0], z.detach())
+    for c in range(C):  # d prototype c / d exemplar (c', s): zero unless c' = c
+        assert jac[c, :, c].abs().sum() > 0 and all(jac[c, :, o].abs().sum() == 0 for o in range(C) if o != c)
+    assert torch.autograd.gradcheck(lambda e: O.build_prototypes(e, bank, valid, 3, 0.75, 0.5)[0], (z,))
+    one, _, _ = proto_inputs()
+    for a, b in zip(O.build_prototypes(one, bank, valid, k=3), O.build_prototypes(one[:, None], bank, valid, k=3)):
+        assert torch.equal(a, b)  # S = 1 given as (C, 1, d) is the one-shot method, bit for bit
+
+
+def test_several_exemplars_per_class_train_resume_and_evaluate(tmp_path, capsys):
+    """--exemplars-per-class 3: three distinct labeled images per class, class by class, out of D_u, in the
+    checkpoint and config.json; the run trains, resumes (another S is refused), knn_eval evaluates it;
+    --exemplars FILE takes S of each class in any order; S = 1 draws the exemplars it always drew."""
+    out = O.train(tiny_config(tmp_path, *SMALL, "--exemplars-per-class", "3", "--eval-every", "2"))
+    ck = O.read_checkpoint(os.path.join(out, "last.pt"))
+    tx, ty, *_ = O.make_synthetic(10, 10)
+    ex = ck["exemplars"]
+    assert len(set(ex.tolist())) == 30 and torch.equal(ty[ex], torch.arange(10).repeat_interleave(3))
+    assert json.load(open(os.path.join(out, "config.json")))["exemplar_indices"] == ex.tolist()
+    assert "nbr_precision_h" in json.loads(open(os.path.join(out, "metrics.jsonl")).read().splitlines()[-1])
+    err = one_line_exit_2(O.main, ["--resume", os.path.join(out, "last.pt"), "--exemplars-per-class", "2"], capsys)
+    assert "has --exemplars-per-class 3, this run --exemplars-per-class 2" in err
+    O.train(O.parse_config(["--resume", os.path.join(out, "last.pt"), "--epochs", "3"]))
+    assert {"oneshot_exemplar", "oneshot_prototype"} <= set(knn_eval.main(["--checkpoint", os.path.join(out, "last.pt")]))
+    mixed = ex.flip(0).tolist()  # S of each class, in any order: sorted class by class
+    (tmp_path / "ex.json").write_text(json.dumps(mixed))
+    cfg = O.parse_config(TINY + SMALL + ["--exemplars-per-class", "3", "--exemplars", str(tmp_path / "ex.json")])
+    assert torch.equal(ty[O.select_exemplars(cfg, ty, 10)], torch.arange(10).repeat_interleave(3))
+    (tmp_path / "two.json").write_text(json.dumps(mixed[:20]))
+    with pytest.raises(O.UsageError, match="30 training indices .*3 of each class"):
+        O.select_exemplars(O.replace(cfg, exemplars=str(tmp_path / "two.json")), ty, 10)
+    one = O.select_exemplars(O.parse_config(TINY), ty, 10)  # the one-shot draw, as before the flag
+    g = torch.Generator().manual_seed(0)
+    assert one.tolist() == [int((ty == c).nonzero().flatten()[torch.randint(int((ty == c).sum()), (1,), generator=g)])
+                            for c in range(10)]
 
 
 def test_exemplar_select_momentum_scores_the_bank_but_members_stay_online():
@@ -1023,7 +1077,7 @@ def bad_inputs(tmp_path):
         (s + ["--exemplars", t + "/bad.json"], "bad.json: give a JSON list of 10 training indices"),
         (s + ["--exemplars", t + "/short.json"], "short.json: give a JSON list of 10 training indices"),
         (s + ["--exemplars", t + "/dup.json", "--synthetic-classes", "2"],
-         "dup.json: give a JSON list of 2 .* one image of each class"),
+         "dup.json: give a JSON list of 2 .* 1 of each class"),
         (s + ["--exemplars", t + "/range.json", "--synthetic-classes", "2"],
          "range.json: give a JSON list of 2 training indices .0..19."),
         (s + ["--batch-size", "4096", "--bank-size", "8192"], "larger than the 90 unlabeled"),

@@ -51,6 +51,9 @@ else:
                          f"{RECIPE}")
 ck = O.read_checkpoint(CHECKPOINT)
 cfg = O.Config(**ck["config"])
+if cfg.exemplars_per_class != 1:
+    raise SystemExit(f"{CHECKPOINT}: the notebooks show one exemplar per class, this run has "
+                     f"--exemplars-per-class {cfg.exemplars_per_class}: give a one-shot run's checkpoint")
 if not FAST:  # the data the run was trained on, unless told otherwise
     cfg.data_dir = resolve(os.environ.get("OSESSL_DATA", cfg.data_dir))
     cfg.resume = CHECKPOINT
