@@ -263,7 +263,8 @@ def osessl_loss(z_weak, z_strong, h_weak, z_weak_m, z_strong_m, h_weak_m, z_ex=N
     all_reduce: see sinkhorn. Returns L, its terms (detached; with the entropies of the
     teacher assignments, a diagnostic) and the chosen neighbours (C, k) (None without exemplars).
     Under DDP: the momentum outputs all-gathered in rank order, the same B on every process, first_row =
-    rank x B, the same z_ex (all C rows) and bank on every process, and all_reduce=torch.distributed.all_reduce."""
+    rank x B, the same z_ex (all C rows), select_by, bank and bank_select on every process, and
+    all_reduce=torch.distributed.all_reduce."""
     B, z_weak_m, z_strong_m = len(z_weak), z_weak_m.detach(), z_strong_m.detach()  # the momentum side: sg
     if not 0 <= first_row <= len(z_weak_m) - B or (len(z_weak_m) > B and all_reduce is None):
         raise ValueError(f"a global batch of {len(z_weak_m)} with {B} rows here from row {first_row}: give this "
@@ -324,7 +325,10 @@ def objective(run, x_weak, x_strong, ids, rnd):
                                                                        in_h and not by_momentum)
     exemplars = {}
     if x_ex is not None:  # which exemplar vectors choose the neighbours: --exemplar-select, --select-space
-        select_by = F.normalize(h_ex_m if by_momentum else h_ex, dim=-1) if in_h else z_ex_m if by_momentum else None
+        if in_h:  # the choice passes no gradient: detached before it is gathered
+            select_by = F.normalize(h_ex_m if by_momentum else h_ex, dim=-1).detach()
+        else:
+            select_by = z_ex_m if by_momentum else None
         exemplars = dict(z_ex=all_exemplars(run, z_ex), bank=run.bank.feats, bank_valid=run.bank.valid(),
                          select_by=None if select_by is None else all_exemplars(run, select_by),
                          bank_select=run.bank.select)
