@@ -36,7 +36,7 @@ PROTOCOLS = {
     "knn20_cos": "weighted cosine 20-NN (T=0.07), momentum encoder",
     "knn200_cos": "weighted cosine 200-NN (T=0.07), momentum encoder",
     "linear": "linear probe, ReSA's protocol (raw features, 500 epochs), momentum encoder",
-    "oneshot_exemplar": "one-shot: nearest exemplar embedding (cosine, momentum net)",
+    "oneshot_exemplar": "one-shot: nearest exemplar embedding (S per class: their mean; cosine, momentum net)",
     "oneshot_prototype": "one-shot: nearest grounded prototype (cosine, momentum net)",
 }
 # references, never results: they read every training label (how far a one-shot classifier could go)
@@ -123,9 +123,11 @@ def read_run(d):
         if arm == "OSESSL":  # runs from before the two flags ran what they now call online / alone
             setting = f"{cfg.get('exemplar_select', 'online')}/{cfg.get('exemplar_bn', 'alone')}"
             setting += "/h" if cfg.get("select_space", "embedding") == "encoding" else ""
+            setting += f"/S{cfg['exemplars_per_class']}" if cfg.get("exemplars_per_class", 1) != 1 else ""
         # another encoder is another experiment, never averaged with the default one: a group of its own
-        dataset = osessl.dataset_name(cfg["dataset"], cfg["data_dir"])
-        dataset += f" ({cfg['stem']} stem)" if cfg.get("stem", "auto") not in ("auto", "cifar", "imagenet") else ""
+        encoder = [cfg.get("arch", "resnet18"), f"width {cfg['width']}"]
+        encoder += [f"{cfg['stem']} stem"] if cfg.get("stem", "auto") not in ("auto", "cifar", "imagenet") else []
+        dataset = f"{osessl.dataset_name(cfg['dataset'], cfg['data_dir'])} ({', '.join(encoder)})"
         return dict(dir=d, arm=arm, setting=setting, seed=cfg["exemplar_seed"], final=final, rows=rows, config=cfg,
                     dataset=dataset, epochs=rows[-1]["epoch"],
                     classes=cfg["num_classes"], note=note)
@@ -157,7 +159,7 @@ def summarize(run_dirs, plot=None):
         if r["note"]:
             print(f"note: {r['note']}")
         runs.append(r)
-    print(f"{'dataset':<24} {'epochs':>6} {'protocol':<62} {'select/bn':<15} {'ReSA':>7} "
+    print(f"{'dataset (encoder)':<40} {'epochs':>6} {'protocol':<62} {'select/bn':<15} {'ReSA':>7} "
           f"{'OSESSL (mean +- sd, seeds)':>30} {'gain':>6}  from")
     for key in sorted({(r["dataset"], r["epochs"]) for r in runs}):
         group = [r for r in runs if (r["dataset"], r["epochs"]) == key]
@@ -175,7 +177,7 @@ def summarize(run_dirs, plot=None):
                 o = f"{mean(ours):.2f} +- {sd:.2f} ({len(ours)})" if ours else "-"
                 gain = f"{mean(ours) - mean(base):+6.2f}" if base and ours else f"{'-':>6}"
                 sources = {src for _, src in base + ours}
-                print(f"{key[0]:<24} {key[1]:>6} {name:<62} {setting:<15} {b} {o:>30} {gain}  "
+                print(f"{key[0]:<40} {key[1]:>6} {name:<62} {setting:<15} {b} {o:>30} {gain}  "
                       f"{sources.pop() if len(sources) == 1 else 'mixed'}")
     print("from: knn_eval = knn_eval.py's eval.json (memory and probe set: all training images); in-training = "
           "the run's last in-training evaluation (memory: the training images in use, test subset if limited)")
@@ -377,6 +379,11 @@ def main(argv=None):
                              f"at least 2; got {args.finetune}, {args.finetune_epochs}, {args.finetune_batch}")
         if args.transfer and args.finetune:
             raise UsageError("give --transfer or --finetune, not both (each writes its own eval-*.json)")
+        if args.finetune and (args.linear or args.train_limit):
+            raise UsageError("--finetune draws its labeled fraction from every training image and probes nothing: "
+                             "leave out --linear and --train-limit")
+        if not args.finetune and (args.finetune_epochs or args.finetune_batch != 256):
+            raise UsageError("--finetune-epochs and --finetune-batch set --finetune FRACTION: give it too")
         if args.image_size and not args.transfer:
             raise UsageError("--image-size is for --transfer; the checkpoint's own data keep its image size")
         if args.transfer and (args.dataset or args.data_dir):
@@ -418,14 +425,15 @@ def main(argv=None):
         res["oracle_ncm_h"] = nearest_class_mean(train_f, train_y, test_f, test_y, num_classes)
         res["oracle_ncm_z"] = nearest_class_mean(train_z, train_y, test_z, test_y, num_classes)
         valid, protos = bank.valid(), None  # without a filled bank a "prototype" is the exemplar alone: not reported
-        if valid.any():  # chosen as the run chose them: in z, or in h (--select-space encoding)
+        if valid.any():  # in z, or in h as the run chose (--select-space encoding); by the momentum network's
+            # exemplars, whatever --exemplar-select (this program loads only the momentum network)
             in_h = {} if bank.select is None else dict(select_by=per_class(F.normalize(ex_h, dim=1)),
                                                          select_feats=bank.select)
             protos = osessl.build_prototypes(per_class(ex_z), bank.feats, valid, cfg.k, cfg.alpha, cfg.tau_w,
                                              **in_h)[0]
         res.update(one_shot(test_z, test_y, osessl.class_anchor(per_class(ex_z)), protos))
-        diagnostics = osessl.precision_by_space(net, full_x, full_y.to(device), bank, exemplar_x, mean, std, cfg.k,
-                                                cfg.alpha, C=num_classes)  # labels training never reads
+        diagnostics = osessl.precision_by_space(net, full_x, full_y.to(device), bank, exemplar_x, num_classes, mean,
+                                                std, cfg.k, cfg.alpha)  # labels training never reads
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

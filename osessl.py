@@ -108,14 +108,14 @@ class MemoryBank(nn.Module):
 
     @torch.no_grad()
     def enqueue(self, feats, ids=None, select=None):
+        if (select is None) != (self.select is None):
+            raise ValueError("select: give the entries' backbone features exactly when the bank keeps them "
+                             "(select_dim > 0)")
         K = len(self.feats)
         slots = (self.ptr + torch.arange(len(feats), device=feats.device)) % K
         self.feats[slots] = feats
         if ids is not None:
             self.ids[slots] = ids
-        if (select is None) != (self.select is None):
-            raise ValueError("select: give the entries' backbone features exactly when the bank keeps them "
-                             "(select_dim > 0)")
         if select is not None:
             self.select[slots] = select
         self.ptr.copy_((self.ptr + len(feats)) % K)
@@ -160,12 +160,13 @@ def build_prototypes(z_ex, feats, valid, k=8, alpha=0.75, tau_w=1.0, select_by=N
     takes z_l^c's place in the score and the weights. Returns prototypes (C, d), neighbour indices
     (C, k), weights (C, S + k) (the first S columns: the labeled members)."""
     if k > len(feats):
-        raise ValueError(f"k = {k} neighbours per exemplar is more than the memory bank's {len(feats)} entries")
+        raise ValueError(f"k = {k} neighbours per class is more than the memory bank's {len(feats)} entries")
     if select_feats is not None and select_by is None:
         raise ValueError("select_feats: other features of the entries need the exemplars' features in that space "
                          "(select_by)")
     per_class = lambda z: z if z.dim() == 3 else z[:, None]  # (C, d) is S = 1
-    z_ex, S = per_class(z_ex), per_class(z_ex).shape[1]
+    z_ex = per_class(z_ex)
+    S = z_ex.shape[1]
     key = class_anchor(z_ex if select_by is None else per_class(select_by))
     entries = feats if select_feats is None else select_feats
     scores = discriminative_scores(entries, key.detach(), alpha).masked_fill(~valid[None], float("-inf"))
@@ -254,16 +255,16 @@ def osessl_loss(z_weak, z_strong, h_weak, z_weak_m, z_strong_m, h_weak_m, z_ex=N
     Online network, this process's B images, with gradient: z_weak, z_strong (B, d), h_weak (B, e).
     Momentum network, the global batch (this process's rows from first_row): z_weak_m, z_strong_m (B_g, d),
     h_weak_m (B_g, e). Without z_ex, L is ReSA's. z_ex (C, d): the exemplars' online embeddings (row c:
-    class c; (C, S, d) with S per class), with gradient; select_by (C, d): others that choose their
-    neighbours (default z_ex); bank
+    class c; (C, S, d) with S per class), with gradient; select_by (C, d) (or (C, S, d)): others that choose
+    their neighbours (default z_ex); bank
     (K, d), bank_valid (K,): the memory bank's entries and filled slots; bank_select (K, e): the entries'
-    normalised backbone features, scored by select_by (then the exemplars' normalised h, (C, e)) to choose
+    normalised backbone features, scored by select_by (then the exemplars' normalised h, (C, [S,] e)) to choose
     the neighbours (--select-space encoding). z_mix (B, d): online embeddings of x_mix,i = beta_i x_weak,i
     + (1 - beta_i) x_strong,partner_i (beta, partner: (B,); partner indexes the global batch).
     all_reduce: see sinkhorn. Returns L, its terms (detached; with the entropies of the
     teacher assignments, a diagnostic) and the chosen neighbours (C, k) (None without exemplars).
     Under DDP: the momentum outputs all-gathered in rank order, the same B on every process, first_row =
-    rank x B, the same z_ex (all C rows), select_by, bank and bank_select on every process, and
+    rank x B, the same z_ex (every exemplar), select_by, bank and bank_select on every process, and
     all_reduce=torch.distributed.all_reduce."""
     B, z_weak_m, z_strong_m = len(z_weak), z_weak_m.detach(), z_strong_m.detach()  # the momentum side: sg
     if not 0 <= first_row <= len(z_weak_m) - B or (len(z_weak_m) > B and all_reduce is None):
@@ -886,14 +887,16 @@ def augment(images, p, mean, std, strong):
 
 
 def sample_beta(n, zeta, g):
-    """Beta(zeta, zeta) from the step generator, as the ratio of two Gamma(zeta) draws: a / (a + b).
+    """Beta(zeta, zeta) from the step generator: a / (a + b) = sigmoid(log a - log b) for a, b ~ Gamma(zeta).
 
-    torch.distributions.Beta takes no generator, hence the private _standard_gamma. The draws are float64 because at
-    a small zeta (--zeta takes any value above 0) Gamma(zeta) underflows float32 to 0.
+    torch.distributions.Beta takes no generator, hence the private _standard_gamma. In logs, because at a small
+    zeta (--zeta takes any value above 0) Gamma(zeta) falls below the smallest float and is clamped there (both
+    draws then give exactly 0.5): log Gamma(zeta) = log Gamma(zeta + 1) + log(U) / zeta, U uniform, in float64.
     """
-    zetas = torch.full((n,), float(zeta), dtype=torch.float64, device=g.device)
-    a, b = (torch._standard_gamma(zetas, generator=g) for _ in range(2))
-    return (a / (a + b)).float()
+    zetas = torch.full((n,), float(zeta) + 1, dtype=torch.float64, device=g.device)
+    log_a, log_b = (torch._standard_gamma(zetas, generator=g).log()
+                    + torch.rand(n, dtype=torch.float64, generator=g, device=g.device).log() / zeta for _ in range(2))
+    return torch.sigmoid(log_a - log_b).to(torch.get_default_dtype())
 
 
 def step_randomness(seed, step, n_global, n_exemplars, zeta, device, size=32, blur=False):
@@ -938,7 +941,7 @@ class Config:
     data_on: str = opt("auto", "images on the device | the host (pinned) | auto: device if in half its memory",
                        "auto device host")
     # the one-shot split
-    exemplar_seed: int = opt(0, "seed that draws the one labeled exemplar per class", **SEED)
+    exemplar_seed: int = opt(0, "seed that draws the labeled exemplars of each class", **SEED)
     exemplars_per_class: int = opt(1, "S labeled images per class (1: the paper's one-shot; more: its \"Ours*\")",
                                    at_least=1)
     exemplars: str = opt("", "JSON list of training indices, S of each class (instead of --exemplar-seed)")
@@ -972,7 +975,7 @@ class Config:
     lambda_proto: float = opt(1.0, "weight lambda of L_proto (0, with --mu-mix 0: ReSA)", at_least=0)
     mu_mix: float = opt(1.0, "weight mu of L_mix (1.0 on CIFAR, 0.25 on ImageNet)", at_least=0)
     bank_size: int = opt(4096, "memory bank size K", at_least=1)
-    k: int = opt(8, "neighbours per exemplar", at_least=1)
+    k: int = opt(8, "neighbours per class", at_least=1)
     alpha: float = opt(0.75, "discriminative score: own exemplar's weight", at_least=0, at_most=1)
     tau_w: float = opt(1.0, "temperature of the prototype member weights (the paper writes none)", above=0)
     tau_s: float = opt(0.1, "student temperature", above=0)
@@ -1119,9 +1122,9 @@ def project(net, h):
 
 
 @torch.no_grad()
-def precision_by_space(net, images, labels, bank, exemplar_images, mean, std, k, alpha, to_net=lambda x: x, C=None):
+def precision_by_space(net, images, labels, bank, exemplar_images, C, mean, std, k, alpha, to_net=lambda x: x):
     """Diagnostic, never a loss: the neighbour precision when the un-augmented exemplars (S per class, class
-    by class, of C classes: default one each) choose (by the discriminative score of their class_anchor)
+    by class, of C classes) choose (by the discriminative score of their class_anchor)
     among the images the bank holds, all embedded afresh by `net`, in backbone features h and in embeddings z
     (--select-space), whichever space the run chooses in."""
     ids = bank.ids[bank.valid()]
@@ -1129,7 +1132,6 @@ def precision_by_space(net, images, labels, bank, exemplar_images, mean, std, k,
         return {}
     h = extract_features(net.encoder, images, mean, std, to_net, index=ids.to(images.device))
     h_ex = extract_features(net.encoder, exemplar_images, mean, std, to_net)
-    C = C or len(h_ex)
     report, classes = {}, torch.arange(C, device=labels.device)[:, None]
     for space, (entries, ex) in {"h": (h, h_ex), "z": (project(net, h), project(net, h_ex))}.items():
         ex = class_anchor(F.normalize(ex, dim=1).unflatten(0, (C, -1)))
@@ -1184,7 +1186,7 @@ def evaluate(run, train_x, train_y, test_x, test_y, memory=None):
                                    select_by=select_by, select_feats=run.bank.select)[1]
             report[f"nbr_precision_{name}"] = neighbour_precision(nbr, run.bank, run.labels).item()
         report.update(precision_by_space(run.momentum_net, run.images, run.labels, run.bank, run.exemplar_images,
-                                         run.mean, run.std, cfg.k, cfg.alpha, run.to_net, run.num_classes))
+                                         run.num_classes, run.mean, run.std, cfg.k, cfg.alpha, run.to_net))
     return report
 
 
@@ -1326,7 +1328,7 @@ def all_exemplars(run, z):
     if run.world > 1:
         full = z.new_zeros(len(run.exemplar_images), z.shape[1]).slice_scatter(z, 0, run.rank, None, run.world)
         z = differentiable_sum(full)
-    return z if len(z) == run.num_classes else z.unflatten(0, (run.num_classes, -1))
+    return z if run.cfg.exemplars_per_class == 1 else z.unflatten(0, (run.num_classes, -1))
 
 
 def network(cfg):
@@ -1473,7 +1475,9 @@ def train(cfg, rank=0, world=1, device=None, node=(0, 1)):
             images = train_x[ids[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]]
             if not on_device:  # --data-on host: this step's images and ids to the device, without waiting
                 images, ids = (to_device(t) for t in (images, ids))
-            rnd = step_randomness(cfg.seed, step, Bg, len(ex_idx), cfg.zeta, device, size, cfg.blur == "on")
+            # exemplar views drawn for C x S exemplars even by ReSA, which has none: one random stream for both
+            rnd = step_randomness(cfg.seed, step, Bg, num_classes * cfg.exemplars_per_class, cfg.zeta, device, size,
+                                  cfg.blur == "on")
             losses = training_step(run, *run.augment(run, images, rnd), ids, rnd, lr_at(step), m_at(step))
             # first step at which each term went non-finite, kept on the device (checked once per epoch)
             finite = torch.stack([v.isfinite() for v in losses.values()])

@@ -183,8 +183,9 @@ def test_mixup_targets_are_the_stated_convex_combinations():
 
 def test_beta_sampler_matches_beta_moments():
     """Beta(zeta, zeta) has mean 1/2 and variance 1 / (4 (2 zeta + 1)), down to a small zeta such as 0.01,
-    where almost every draw is near 0 or 1 (in float32 the Gamma variates underflowed and 18% came out 0.5)."""
-    for zeta in (0.01, 0.4, 1.0, 2.0):
+    where almost every draw is near 0 or 1 (drawn directly, the Gamma variates were clamped at the smallest
+    float: 18% came out exactly 0.5 in float32 at 0.01, a quarter in float64 at 0.001)."""
+    for zeta in (0.001, 0.01, 0.4, 1.0, 2.0):
         b = O.sample_beta(200_000, zeta, O.step_generator(0, 0, torch.device("cpu")))
         assert 0 <= b.min() and b.max() <= 1 and b.dtype == torch.float32
         assert b.mean() == pytest.approx(0.5, abs=0.01)
@@ -443,6 +444,7 @@ def test_summarize_tells_stale_duplicate_and_in_training_figures_apart(tmp_path,
     """--summarize: an eval.json older than the run's last epoch is not used (said in a note), two
     folders holding the same run count once, every row says where its figures come from, and a run
     evaluated once is still drawn."""
+    import re
     import shutil
     out = tmp_path / "run"
     assert O.train(tiny_config(tmp_path, "--eval-every", "0"))
@@ -454,16 +456,22 @@ def test_summarize_tells_stale_duplicate_and_in_training_figures_apart(tmp_path,
     assert len(runs) == 1 and "holds the same run as" in text and (tmp_path / "p.png").stat().st_size > 1000
     assert all(line.endswith("knn_eval") for line in text.splitlines() if "momentum" in line and "ReSA" in line)
     # another --select-space, or another encoder stem, is another experiment: a row of its own, not one more seed
-    for name, change in (("h", dict(select_space="encoding")),
-                         ("pad", dict(stem="cifar-pad", lambda_proto=0.0, mu_mix=0.0))):
+    # another --select-space or --exemplars-per-class, or another encoder (--arch, --width, --stem), is another
+    # experiment: a row of its own, not one more seed
+    changes = dict(h=dict(select_space="encoding"), s3=dict(exemplars_per_class=3), r50=dict(arch="resnet50"),
+                   w16=dict(width=16), pad=dict(stem="cifar-pad", lambda_proto=0.0, mu_mix=0.0))
+    for name, change in changes.items():
         shutil.copytree(out, tmp_path / name)
         config = json.loads((tmp_path / name / "config.json").read_text())
         (tmp_path / name / "config.json").write_text(json.dumps({**config, **change}))
-    knn_eval.summarize([str(out), str(tmp_path / "h"), str(tmp_path / "pad")])
+    knn_eval.summarize([str(out)] + [str(tmp_path / name) for name in changes])
     rows = [line for line in capsys.readouterr().out.splitlines() if "ReSA 5-NN" in line]
-    assert [line.split()[0] for line in rows] == ["synthetic", "synthetic", "synthetic"]
-    assert "momentum/joint/h" in rows[1] and "(1)" in rows[0] and "(1)" in rows[1] and "(cifar-pad stem)" in rows[2]
-    assert all(line.split()[-2] == "-" for line in rows)  # no default-stem ReSA run: no gain in any row
+    assert len(rows) == 6 and all(line.startswith("synthetic (") and "(1)" in line or "cifar-pad" in line for line in rows)
+    default = [line for line in rows if "resnet18, width 8)" in line]
+    settings = sorted(re.search(r"momentum/joint\S*", line).group() for line in default)
+    assert settings == ["momentum/joint", "momentum/joint/S3", "momentum/joint/h"]
+    assert sum("resnet50" in line for line in rows) == sum("width 16" in line for line in rows) == 1
+    assert all(line.split()[-2] == "-" for line in rows)  # the only ReSA run has another stem: no gain anywhere
     O.train(O.parse_config(["--resume", str(out / "last.pt"), "--epochs", "3"]))  # extended after evaluation
     assert "the lr and EMA schedules are recomputed for 3" in capsys.readouterr().out
     runs = knn_eval.summarize([str(out)])
@@ -584,8 +592,11 @@ def test_linear_probe_and_one_shot_classifiers():
 SLOW = pytest.mark.skipif(not os.environ.get("OSESSL_SLOW"), reason="inductor compiles for minutes on a CPU: set OSESSL_SLOW=1")
 
 
-@pytest.mark.parametrize("flags", [(), *EXEMPLAR_FORWARD[1:], pytest.param(("--compile",), marks=SLOW)],
-                         ids=["eager", *EXEMPLAR_IDS[1:], "compiled"])
+UNEVEN = ("--exemplars-per-class", "3", "--exemplar-bn", "alone", "--synthetic-classes", "5")  # 15 exemplars, 2 processes
+
+
+@pytest.mark.parametrize("flags", [(), *EXEMPLAR_FORWARD[1:], UNEVEN, pytest.param(("--compile",), marks=SLOW)],
+                         ids=["eager", *EXEMPLAR_IDS[1:], "3-per-class-uneven", "compiled"])
 def test_two_process_torchrun_matches_one_process(tmp_path, flags):
     """DDP equivalence: 2 processes x 16 images compute what 1 process x 32 does, for the full
     objective (global Sinkhorn, memory bank, instance-mixup targets, synchronised BatchNorm, each
@@ -634,9 +645,13 @@ def test_several_exemplars_per_class_build_each_prototype_from_their_own_class()
     for c in range(C):  # d prototype c / d exemplar (c', s): zero unless c' = c
         assert jac[c, :, c].abs().sum() > 0 and all(jac[c, :, o].abs().sum() == 0 for o in range(C) if o != c)
     assert torch.autograd.gradcheck(lambda e: O.build_prototypes(e, bank, valid, 3, 0.75, 0.5)[0], (z,))
-    one, _, _ = proto_inputs()
-    for a, b in zip(O.build_prototypes(one, bank, valid, k=3), O.build_prototypes(one[:, None], bank, valid, k=3)):
-        assert torch.equal(a, b)  # S = 1 given as (C, 1, d) is the one-shot method, bit for bit
+    one, _, _ = proto_inputs()  # S = 1, as (C, d) or (C, 1, d): the one-shot formula written out, bit for bit
+    top, nbr = O.discriminative_scores(bank, one.detach()).topk(3, dim=1)
+    members = torch.cat([one[:, None], bank[nbr]], 1)
+    weights = ((one[:, None] * members).sum(-1) / 1.0).softmax(1)
+    paper = F.normalize((weights[..., None] * members).sum(1), dim=-1), nbr, weights
+    for given in (one, one[:, None]):
+        assert all(torch.equal(a, b) for a, b in zip(O.build_prototypes(given, bank, valid, k=3), paper))
 
 
 def test_several_exemplars_per_class_train_resume_and_evaluate(tmp_path, capsys):
@@ -1173,8 +1188,8 @@ def test_malformed_checkpoints_are_refused_in_one_line(tmp_path, capsys):
                                     "'net' does not fit this run .*Missing key", resume),
         "bank of other size": (dict(ck, bank=dict(ck["bank"], feats=torch.zeros(5, 32))),
                                "'bank' does not fit this run .*size mismatch for feats", both),
-        "exemplars of other count": (dict(ck, exemplars=ck["exemplars"][:3]), "do not index one image per class", both),
-        "exemplars out of range": (dict(ck, exemplars=ck["exemplars"] + 10 ** 6), "do not index one image per class",
+        "exemplars of other count": (dict(ck, exemplars=ck["exemplars"][:3]), "do not index images of each class", both),
+        "exemplars out of range": (dict(ck, exemplars=ck["exemplars"] + 10 ** 6), "do not index images of each class",
                                    both),
         "optimiser of another network": (dict(ck, opt=dict(ck["opt"], state={0: {"momentum_buffer": torch.zeros(3)}})),
                                          "'opt' does not fit this run .ValueError: its momentum buffers", resume),
@@ -1751,7 +1766,7 @@ def test_resume_names_an_architecture_setting_that_differs(tmp_path, capsys):
     last = os.path.join(out, "last.pt")
     before = open(last, "rb").read()
     for flag, value, saved in (("--width", "16", "8"), ("--proj-dim", "16", "32"), ("--bank-size", "256", "128"),
-                               ("--select-space", "encoding", "embedding")):
+                               ("--select-space", "encoding", "embedding"), ("--arch", "resnet50", "resnet18")):
         err = one_line_exit_2(O.main, ["--resume", last, flag, value], capsys)
         assert f"has {flag} {saved}, this run {flag} {value}: drop {flag} or set it to {saved}" in err, err
     assert open(last, "rb").read() == before
@@ -1772,7 +1787,9 @@ def test_a_run_folder_given_as_checkpoint_names_the_file(tmp_path, capsys):
     for argv, says in ((["--image-size", "64"], "--image-size is for --transfer"),
                        (["--transfer", str(tmp_path), "--data-dir", "x"], "leave out --dataset and --data-dir"),
                        (["--transfer", str(tmp_path), "--finetune", "0.1"], "not both"),
-                       (["--finetune", "2"], "--finetune is a fraction")):
+                       (["--finetune", "2"], "--finetune is a fraction"),
+                       (["--finetune", "0.1", "--linear"], "leave out --linear and --train-limit"),
+                       (["--finetune-epochs", "5"], "give it too")):
         assert says in one_line_exit_2(knn_eval.main, last + argv, capsys)
     assert sorted(os.listdir(out)) == ["config.json", "last.pt"]  # no eval*.json written
 
