@@ -1065,7 +1065,9 @@ def test_gaussian_blur_per_sample_matches_torchvision():
              solarize=torch.zeros(64, dtype=torch.bool))
     blurred, sharp = O.augment(imgs, p, mean, std, True), O.augment(imgs, {k: v for k, v in p.items() if k not in ("blur", "sigma")}, mean, std, True)
     changed = (blurred - sharp).abs().flatten(1).amax(1) > 1e-6
-    assert torch.equal(changed, r.strong["blur"])  # exactly the samples drawn for blur are blurred
+    assert not (changed & ~r.strong["blur"]).any()  # only the samples drawn for blur change
+    visible = r.strong["blur"] & (r.strong["sigma"] > 0.25)  # near 0.1 px the kernel is the identity to 1e-6
+    assert changed[visible].all() and visible.sum() > 10
 
 
 def bad_inputs(tmp_path):
