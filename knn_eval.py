@@ -371,9 +371,6 @@ def main(argv=None):
             return summarize(args.summarize, args.plot)
         if not args.checkpoint:
             raise UsageError("give --checkpoint runs/.../last.pt (or --summarize RUN_DIR ...)")
-        ck = osessl.read_checkpoint(args.checkpoint)
-        cfg = osessl.Config(**ck["config"])
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if not 0 <= args.finetune <= 1 or args.finetune_epochs < 0 or args.finetune_batch < 2:
             raise UsageError(f"--finetune is a fraction in (0, 1], --finetune-epochs at least 0 and --finetune-batch "
                              f"at least 2; got {args.finetune}, {args.finetune_epochs}, {args.finetune_batch}")
@@ -384,6 +381,9 @@ def main(argv=None):
                              "leave out --linear and --train-limit")
         if not args.finetune and (args.finetune_epochs or args.finetune_batch != 256):
             raise UsageError("--finetune-epochs and --finetune-batch set --finetune FRACTION: give it too")
+        ck = osessl.read_checkpoint(args.checkpoint)
+        cfg = osessl.Config(**ck["config"])
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if args.image_size and not args.transfer:
             raise UsageError("--image-size is for --transfer; the checkpoint's own data keep its image size")
         if args.transfer and (args.dataset or args.data_dir):

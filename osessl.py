@@ -894,8 +894,8 @@ def sample_beta(n, zeta, g):
     draws then give exactly 0.5): log Gamma(zeta) = log Gamma(zeta + 1) + log(U) / zeta, U uniform, in float64.
     """
     zetas = torch.full((n,), float(zeta) + 1, dtype=torch.float64, device=g.device)
-    log_a, log_b = (torch._standard_gamma(zetas, generator=g).log()
-                    + torch.rand(n, dtype=torch.float64, generator=g, device=g.device).log() / zeta for _ in range(2))
+    log_u = lambda: torch.rand(n, dtype=torch.float64, generator=g, device=g.device).neg().log1p()  # log U, U in (0, 1]
+    log_a, log_b = (torch._standard_gamma(zetas, generator=g).log() + log_u() / zeta for _ in range(2))
     return torch.sigmoid(log_a - log_b).to(torch.get_default_dtype())
 
 

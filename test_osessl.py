@@ -466,7 +466,8 @@ def test_summarize_tells_stale_duplicate_and_in_training_figures_apart(tmp_path,
         (tmp_path / name / "config.json").write_text(json.dumps({**config, **change}))
     knn_eval.summarize([str(out)] + [str(tmp_path / name) for name in changes])
     rows = [line for line in capsys.readouterr().out.splitlines() if "ReSA 5-NN" in line]
-    assert len(rows) == 6 and all(line.startswith("synthetic (") and "(1)" in line or "cifar-pad" in line for line in rows)
+    assert len(rows) == 6 and all((line.startswith("synthetic (") and "(1)" in line) or "cifar-pad" in line
+                                  for line in rows)
     default = [line for line in rows if "resnet18, width 8)" in line]
     settings = sorted(re.search(r"momentum/joint\S*", line).group() for line in default)
     assert settings == ["momentum/joint", "momentum/joint/S3", "momentum/joint/h"]
@@ -652,6 +653,16 @@ def test_several_exemplars_per_class_build_each_prototype_from_their_own_class()
     paper = F.normalize((weights[..., None] * members).sum(1), dim=-1), nbr, weights
     for given in (one, one[:, None]):
         assert all(torch.equal(a, b) for a, b in zip(O.build_prototypes(given, bank, valid, k=3), paper))
+
+
+def test_resa_draws_the_exemplar_views_it_does_not_use(tmp_path, monkeypatch):
+    """ReSA (no exemplars) draws C x S exemplar views each step like OSESSL, so that the draws after them (the
+    blur coin and sigma, at --blur on) are the same stream in both arms and in checkpoints of either age."""
+    counts, real = [], O.step_randomness
+    monkeypatch.setattr(O, "step_randomness", lambda *a, **kw: counts.append(a[3]) or real(*a, **kw))
+    O.train(tiny_config(tmp_path, *SMALL, "--lambda-proto", "0", "--mu-mix", "0", "--blur", "on", "--max-steps", "2",
+                        "--exemplars-per-class", "2", "--eval-every", "0"))
+    assert counts == [20, 20]
 
 
 def test_several_exemplars_per_class_train_resume_and_evaluate(tmp_path, capsys):
