@@ -498,17 +498,28 @@ def ema_schedule(step, total_steps, start):
 # Every split is decoded once into a uint8 tensor (N, 3, H, W) that lives on the training device;
 # augmentation then runs there too, so the training loop never touches PIL or a DataLoader.
 
-def load_cifar(cfg):
+def load_cifar(cfg, node=(0, 1)):
+    """torchvision's CIFAR, downloaded when missing. Under torchrun the processes take turns, so that one
+    downloads while the others wait: rank 0, then the first process of each other node (which may have
+    its own disk), then the rest, which find the files there. A failure anywhere stops all (agreed)."""
     import torchvision
     cls = torchvision.datasets.CIFAR10 if cfg.dataset == "cifar10" else torchvision.datasets.CIFAR100
-    try:
-        with removed_on_failure(cfg.data_dir):  # a failed download leaves nothing behind
-            splits = [cls(cfg.data_dir, train=t, download=True) for t in (True, False)]
-    except Exception as e:  # offline machines land here
-        folder = "cifar-10-batches-py" if cfg.dataset == "cifar10" else "cifar-100-python"
-        raise UsageError(f"could not download {cfg.dataset} into {cfg.data_dir} ({type(e).__name__}); offline, copy "
-                         f"torchvision's {folder}/ into --data-dir, or give an ImageFolder copy (DIR/train/<class>/*, "
-                         "DIR/test/<class>/*) as --dataset imagefolder --data-dir DIR") from None
+    shared, splits, failed = dist.is_initialized(), None, None
+    for my_turn in (dist.get_rank() == 0, node[0] == 0, True) if shared else (True,):
+        if my_turn and splits is None and failed is None:
+            try:
+                with removed_on_failure(cfg.data_dir):  # a failed download leaves nothing behind
+                    splits = [cls(cfg.data_dir, train=t, download=True) for t in (True, False)]
+            except Exception as e:  # offline machines land here
+                folder = "cifar-10-batches-py" if cfg.dataset == "cifar10" else "cifar-100-python"
+                failed = UsageError(f"could not download {cfg.dataset} into {cfg.data_dir} ({type(e).__name__}); "
+                                    f"offline, copy torchvision's {folder}/ into --data-dir, or give an ImageFolder "
+                                    "copy (DIR/train/<class>/*, DIR/test/<class>/*) as --dataset imagefolder "
+                                    "--data-dir DIR")
+        if shared and agree(int(failed is not None)):
+            raise failed or UsageError(f"{cfg.dataset} not loaded, see the first process's error")
+    if failed:
+        raise failed
     out = []
     for s in splits:
         out += [torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets)]
@@ -681,7 +692,7 @@ def load_data(cfg, check=None, node=(0, 1)):
     """Returns train_x, train_y, test_x, test_y (uint8 images, int64 labels) and the number of classes.
     check(train_y, num_classes), if given, runs before an ImageFolder's pixels are decoded (and cached)."""
     if cfg.dataset in ("cifar10", "cifar100"):
-        data = load_cifar(cfg)
+        data = load_cifar(cfg, node)
     elif cfg.dataset == "imagefolder":
         if not os.path.isdir(cfg.data_dir):
             raise UsageError(f"--data-dir {cfg.data_dir} does not exist: point it at a folder holding train/ and test/")

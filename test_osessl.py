@@ -1519,6 +1519,48 @@ print(f"decoded {{len(calls)}} images")
     assert f"decoding {tmp_path / 'folder' / 'train'} " in results[0][1]  # by local rank 0
 
 
+def test_two_processes_download_cifar_once(tmp_path):
+    """Under torchrun, rank 0 downloads CIFAR while the other process waits, then finds the files (two
+    processes no longer write one archive at once); a failed download stops both in one line."""
+    driver = tmp_path / "count_downloads.py"
+    driver.write_text(f"""import os, sys, time
+import numpy as np, torchvision
+sys.path.insert(0, {HERE!r})
+import osessl as O
+
+class Cifar:  # a stand-in for torchvision's: 'downloads' (slowly, both would overlap) when its file is missing
+    def __init__(self, root, train=True, download=False):
+        done = os.path.join(root, "archive")
+        if not os.path.exists(done):
+            if os.environ.get("OFFLINE"):
+                raise OSError("network unreachable")
+            time.sleep(0.5)
+            os.makedirs(root, exist_ok=True)
+            open(done, "w").close()
+            print("downloaded", flush=True)
+        n = 100 if train else 20
+        self.data = np.random.default_rng(n).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+        self.targets, self.classes = [i % 10 for i in range(n)], [str(c) for c in range(10)]
+torchvision.datasets.CIFAR10 = Cifar
+O.main(sys.argv[1:])
+""")
+    args = ["--dataset", "cifar10", "--width", "4", "--proj-hidden", "16", "--proj-dim", "8", "--batch-size", "4",
+            "--bank-size", "16", "--k", "2", "--epochs", "1", "--max-steps", "1", "--eval-every", "0"]
+    results = two_processes(tmp_path, *args, "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
+                            driver=str(driver))
+    assert all(code == 0 for code, _, _ in results), [err[-2000:] for _, _, err in results]
+    assert ["downloaded" in out for _, out, _ in results] == [True, False]
+    os.environ["OFFLINE"] = "1"
+    try:
+        results = two_processes(tmp_path, *args, "--data-dir", str(tmp_path / "none"), driver=str(driver), timeout=120)
+    finally:
+        del os.environ["OFFLINE"]
+    for code, _, err in results:
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err[-2000:]
+    assert "could not download cifar10" in results[0][2] and "see the first process's error" in results[1][2]
+    assert not (tmp_path / "none").exists()
+
+
 def test_an_unreadable_image_stops_both_processes_in_one_line(tmp_path):
     """Local rank 0 finds the unreadable image while the other process waits: both exit 2 in one line,
     neither waits for the other."""
