@@ -585,7 +585,7 @@ def load_imagefolder_split(root, split, size=0, ds=None, node=(0, 1)):
     size = size or first_image_size(paths, top)
     listing = [size] + [(os.path.relpath(p, root), os.path.getsize(p)) for p in paths]
     key = hashlib.sha1(json.dumps(listing).encode()).hexdigest()  # a changed file or size: decode anew
-    cache, shared, failed, x = os.path.join(root, f".osessl-cache-{split}.pt"), dist.is_initialized(), None, None
+    cache, shared, failed, x = cache_path(root, split), dist.is_initialized(), None, None
     if local_rank == 0 or local_world == 1:
         try:
             x = read_cache(cache, key, labels, size)
@@ -593,20 +593,30 @@ def load_imagefolder_split(root, split, size=0, ds=None, node=(0, 1)):
                 x = decode_split(ds, paths, size, top, node)
                 tmp = f"{cache}.{os.uname().nodename}.{os.getpid()}.tmp"  # several runs may write at once
                 try:
+                    os.makedirs(os.path.dirname(cache), exist_ok=True)
                     torch.save({"key": key, "x": x, "y": labels}, tmp)
                     os.replace(tmp, cache)
                 except OSError:
-                    pass  # read-only data directory: decode again next time
+                    pass  # no writable cache: decode again next time
         except Exception as e:
             failed = e
     if shared and agree(int(failed is not None)):  # the others waited here for local rank 0's decode
         raise failed or UsageError(f"{top}: not decoded, see the first process's error")
     if failed:
         raise failed
-    if x is None:  # the cache local rank 0 wrote (or, in a read-only folder, decoded here too)
+    if x is None:  # the cache local rank 0 wrote (or, where it could write none, decoded here too)
         x = read_cache(cache, key, labels, size)
         x = decode_split(ds, paths, size, top, node) if x is None else x
     return x, labels, ds.classes
+
+
+def cache_path(root, split):
+    """Where a split's decoded tensor is cached: beside the data, or, where the data folder is read-only
+    (a shared dataset store), in $XDG_CACHE_HOME/osessl (default ~/.cache/osessl) under its path's hash."""
+    if os.access(root, os.W_OK):
+        return os.path.join(root, f".osessl-cache-{split}.pt")
+    home = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "osessl")
+    return os.path.join(home, f"{hashlib.sha1(os.path.abspath(root).encode()).hexdigest()[:16]}-{split}.pt")
 
 
 def first_image_size(paths, top):

@@ -1237,6 +1237,24 @@ def test_a_crafted_cache_is_decoded_anew_not_run(tmp_path):
         assert torch.equal(torch.load(cache, weights_only=True)["x"], x)  # rewritten
 
 
+def test_a_read_only_data_folder_is_cached_in_the_user_cache(tmp_path, monkeypatch):
+    """A data folder that cannot be written (a shared dataset store) is cached in $XDG_CACHE_HOME/osessl,
+    under a name of its own path, and the next run reads it from there instead of decoding again."""
+    for name in ("store", "other"):
+        write_imagefolder(tmp_path / name)
+    read_only = {str(tmp_path / "store"), str(tmp_path / "other")}
+    real_access = os.access
+    monkeypatch.setattr(O.os, "access", lambda p, mode: p not in read_only and real_access(p, mode))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home"))
+    x, y, _ = O.load_imagefolder_split(str(tmp_path / "store"), "train")
+    x2, _, _ = O.load_imagefolder_split(str(tmp_path / "other"), "train")
+    assert not [n for n in os.listdir(tmp_path / "store") if n.startswith(".osessl")]
+    assert len(os.listdir(tmp_path / "home" / "osessl")) == 2  # one cache per folder
+    monkeypatch.setattr(O, "decode_split", lambda *a, **k: pytest.fail("decoded again"))
+    x3, y3, _ = O.load_imagefolder_split(str(tmp_path / "store"), "train")
+    assert torch.equal(x3, x) and torch.equal(y3, y)
+
+
 def test_offline_cifar_download_fails_clearly(tmp_path, monkeypatch):
     import torchvision
 
