@@ -517,7 +517,7 @@ def load_cifar(cfg, node=(0, 1)):
                                     "copy (DIR/train/<class>/*, DIR/test/<class>/*) as --dataset imagefolder "
                                     "--data-dir DIR")
         if shared and agree(int(failed is not None)):
-            raise failed or UsageError(f"{cfg.dataset} not loaded, see the first process's error")
+            raise failed or UsageError(f"{cfg.dataset} not loaded, see the failing process's error")
     if failed:
         raise failed
     out = []
@@ -575,7 +575,7 @@ def list_imagefolder(root, split):
 
 def load_imagefolder_split(root, split, size=0, ds=None, node=(0, 1)):
     """Decode DIR/split/<class>/* (ds: its listing) once into uint8 (N, 3, S, S), on the CPU cores, and
-    cache it next to the data when writable. node (local rank, processes on this node): under torchrun
+    cache it (cache_path). node (local rank, processes on this node): under torchrun
     local rank 0 decodes and writes the cache while the others wait, then they read it (every process
     takes part in one agreement, so that a failure anywhere stops all). size 0: S is the first readable
     image's short side. Returns images, labels, classes."""
@@ -596,12 +596,13 @@ def load_imagefolder_split(root, split, size=0, ds=None, node=(0, 1)):
                     os.makedirs(os.path.dirname(cache), exist_ok=True)
                     torch.save({"key": key, "x": x, "y": labels}, tmp)
                     os.replace(tmp, cache)
-                except OSError:
-                    pass  # no writable cache: decode again next time
+                except (OSError, RuntimeError):  # (torch.save's full disk is a RuntimeError)
+                    with contextlib.suppress(OSError):
+                        os.remove(tmp)  # no writable cache, or no room: decode again next time
         except Exception as e:
             failed = e
     if shared and agree(int(failed is not None)):  # the others waited here for local rank 0's decode
-        raise failed or UsageError(f"{top}: not decoded, see the first process's error")
+        raise failed or UsageError(f"{top}: not decoded, see the failing process's error")
     if failed:
         raise failed
     if x is None:  # the cache local rank 0 wrote (or, where it could write none, decoded here too)
@@ -616,7 +617,7 @@ def cache_path(root, split):
     if os.access(root, os.W_OK):
         return os.path.join(root, f".osessl-cache-{split}.pt")
     home = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "osessl")
-    return os.path.join(home, f"{hashlib.sha1(os.path.abspath(root).encode()).hexdigest()[:16]}-{split}.pt")
+    return os.path.join(home, f"{hashlib.sha1(os.path.realpath(root).encode()).hexdigest()[:16]}-{split}.pt")
 
 
 def first_image_size(paths, top):
