@@ -960,7 +960,7 @@ class Config:
     synthetic_classes: int = opt(10, "classes of --dataset synthetic", at_least=1)
     synthetic_per_class: int = opt(64, "training images per class of synthetic (a quarter as many to test)", at_least=1)
     image_size: int = opt(0, "imagefolder: S; images resized (short side) and centre-cropped once (0: first image's)")
-    data_on: str = opt("auto", "images on the device | the host (pinned) | auto: device if in half its memory",
+    data_on: str = opt("auto", "images on the device | the host (batches pinned) | auto: device if in half its memory",
                        "auto device host")
     # the one-shot split
     exemplar_seed: int = opt(0, "seed that draws the labeled exemplars of each class", **SEED)
@@ -1219,7 +1219,8 @@ def dataset_name(dataset, data_dir):
 
 def prepare_run_dir(cfg, method):
     name = dataset_name(cfg.dataset, cfg.data_dir)
-    out = cfg.out or os.path.join("runs", f"{name}-{method}-{time.strftime('%Y%m%d-%H%M%S')}")
+    now = time.localtime(agree(int(time.time())))  # one clock for every process (nodes may cross a second apart)
+    out = cfg.out or os.path.join("runs", f"{name}-{method}-{time.strftime('%Y%m%d-%H%M%S', now)}")
     if cfg.resume:
         out = cfg.out or os.path.dirname(cfg.resume)
     elif os.path.isdir(out) and os.listdir(out) and not cfg.overwrite:
@@ -1429,14 +1430,12 @@ def train(cfg, rank=0, world=1, device=None, node=(0, 1)):
     out = prepare_run_dir(cfg, method)
     cfg = replace(cfg, out=out)  # config.json and checkpoints record the folder used
 
-    # Images live on the device when they fit (--data-on), else in pinned host memory, each step's
-    # batch then copied over; the only label tensor the step sees feeds a logged diagnostic.
+    # Images live on the device when they fit (--data-on), else in host memory, each step's batch then
+    # pinned and copied over; the only label tensor the step sees feeds a logged diagnostic.
     nbytes = train_x.numel() + test_x.numel()  # auto: in at most half the free device memory (the rest: networks)
     on_device = cfg.data_on == "device" or cfg.data_on == "auto" and nbytes <= device_free_bytes(device) / 2
     store = device if on_device else torch.device("cpu")
-    train_x, test_x = train_x.to(store), test_x.to(store)
-    if not on_device and device.type == "cuda":
-        train_x = train_x.pin_memory()
+    train_x, test_x = train_x.to(store), test_x.to(store)  # (pinning the split would copy it: a batch is pinned)
     run = build_run(cfg, rank, world, device, train_x, train_y, ex_idx, num_classes)
     state = dict(net=run.net, momentum=run.momentum_net, opt=run.opt, bank=run.bank)  # what a checkpoint holds
     steps_per_epoch = len(u_idx) // Bg
@@ -1446,6 +1445,11 @@ def train(cfg, rank=0, world=1, device=None, node=(0, 1)):
     step, sums = 0, {}
     if ck is not None:  # nothing is written before the checkpoint is accepted
         load_parts(cfg.resume, ck, state)
+        for group in run.opt.param_groups:  # this run's device (fused SGD on CUDA only) and --weight-decay
+            group.update(fused=True if device.type == "cuda" else None, weight_decay=cfg.weight_decay)
+        for p, s in run.opt.state.items():  # momentum in this run's parameter layout (--memory-format)
+            if s.get("momentum_buffer") is not None:
+                s["momentum_buffer"] = torch.empty_like(p).copy_(s["momentum_buffer"])
         try:
             torch.set_rng_state(ck["rng"])
             step, sums = ck["step"], {k: v.to(device) for k, v in ck.get("sums", {}).items()}
@@ -1462,10 +1466,15 @@ def train(cfg, rank=0, world=1, device=None, node=(0, 1)):
                   f"recomputed for {cfg.epochs} (the steps so far followed {ck['config']['epochs']}'s)", flush=True)
 
     def checkpoint():
+        saved = sums
+        if world > 1 and sums:  # stopped mid-epoch: the partial sums averaged over the processes, for any W
+            v = torch.stack(list(sums.values()))
+            dist.all_reduce(v)
+            saved = dict(zip(sums, v / world))
         if rank == 0:
             epoch, ends_epoch = step // steps_per_epoch, step % steps_per_epoch == 0
             ck = dict(format=CHECKPOINT_FORMAT, config=asdict(cfg), num_classes=num_classes, step=step, epoch=epoch,
-                      world_size=world, global_batch=Bg, exemplars=ex_idx, sums=sums, rng=torch.get_rng_state(),
+                      world_size=world, global_batch=Bg, exemplars=ex_idx, sums=saved, rng=torch.get_rng_state(),
                       **{name: part.state_dict() for name, part in state.items()})
             save_checkpoint(os.path.join(out, "last.pt"), ck)
             if cfg.keep_every and ends_epoch and epoch % cfg.keep_every == 0:
@@ -1516,16 +1525,17 @@ def train(cfg, rank=0, world=1, device=None, node=(0, 1)):
             if step % steps_per_epoch and step != last and not interrupted:
                 continue
             check_finite(first_bad, list(losses), out)  # before saving: the last good checkpoint stays
+            row = None
             if step % steps_per_epoch == 0:  # a metrics row per completed epoch
                 seconds = time.time() - t_epoch
                 row = dict(epoch=epoch + 1, step=step, **epoch_means(sums, steps_per_epoch, world), lr=lr_at(step - 1),
                            momentum=m_at(step - 1), seconds=round(seconds, 2), images_per_s=round(seen / seconds, 1))
-                if rank == 0 and (step == total or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
-                    row.update(evaluate(run, train_x, train_y, test_x, test_y, memory))
                 sums = {}
-                if rank == 0:
-                    log_epoch(out, row, cfg.epochs)
-            checkpoint()
+            checkpoint()  # before the evaluation: a preemption (or a failure) during it keeps this epoch
+            if rank == 0 and row is not None:
+                if not interrupted and (step == total or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
+                    row.update(evaluate(run, train_x, train_y, test_x, test_y, memory))
+                log_epoch(out, row, cfg.epochs)
             if world > 1:
                 dist.barrier()
             if interrupted:

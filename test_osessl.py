@@ -839,6 +839,39 @@ def test_resume_is_exact(tmp_path):
     assert metrics(straight) == metrics(resumed) and len(metrics(straight)) == 3
 
 
+def test_a_resumed_run_uses_its_own_optimiser_settings(tmp_path, monkeypatch):
+    """A checkpoint's optimiser carries the settings of the machine that saved it: fused SGD (a CUDA run)
+    and its momentum buffers' memory layout. Resumed elsewhere, the run uses its own: on the CPU no fused
+    SGD (which would read buffers of another layout as flat memory), the buffers in its parameters'
+    layout (--memory-format), and a --weight-decay given on the command line."""
+    out = O.train(O.parse_config(TINY + SMALL + ["--epochs", "4", "--max-steps", "2", "--out", str(tmp_path / "a")]))
+    ck = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    for group in ck["opt"]["param_groups"]:
+        group["fused"] = True  # as a CUDA run saves it
+    (tmp_path / "gpu").mkdir()
+    torch.save(ck, tmp_path / "gpu" / "last.pt")
+    runs = record(monkeypatch, "build_run")
+    again = ["--memory-format", "channels_last", "--weight-decay", "0.001", "--max-steps", "3"]
+    for name, saved in (("b", tmp_path / "gpu" / "last.pt"), ("c", os.path.join(out, "last.pt"))):
+        O.train(O.parse_config(["--resume", str(saved), "--out", str(tmp_path / name), *again]))
+    opt = runs[0][2].opt
+    assert all(g["fused"] is None and g["weight_decay"] == 0.001 for g in opt.param_groups)
+    assert any(p.dim() == 4 and not p.is_contiguous() for p in opt.state)  # channels_last parameters
+    assert all(s["momentum_buffer"].stride() == p.stride() for p, s in opt.state.items())
+    assert_same_state(tmp_path / "b", tmp_path / "c")
+
+
+def test_the_checkpoint_is_saved_before_the_evaluation(tmp_path, monkeypatch):
+    """An epoch's checkpoint is written before its k-NN evaluation, so a preemption (torchrun's grace is
+    30 s; an ImageNet evaluation takes longer) or a failure during the evaluation keeps the epoch."""
+    def fails(run, *a):
+        assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 2  # already saved
+        raise MemoryError("evaluation")
+    monkeypatch.setattr(O, "evaluate", fails)
+    with pytest.raises(MemoryError):
+        O.train(O.parse_config(TINY + SMALL + ["--out", str(tmp_path / "run")]))
+
+
 def test_keep_every_keeps_the_checkpoint_of_those_epochs(tmp_path):
     """--keep-every N keeps epoch<N>.pt, epoch<2N>.pt, ... beside last.pt (notebook 1 follows training
     with them): each is the whole checkpoint at the end of its epoch, so that resuming it reproduces
@@ -1590,6 +1623,40 @@ O.main(sys.argv[1:])
         assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err[-2000:]
     assert "could not download cifar10" in results[0][2] and "see the failing process's error" in results[1][2]
     assert not (tmp_path / "none").exists()
+
+
+def test_two_processes_name_one_run_folder_and_save_their_mean_partial_sums(tmp_path):
+    """The default run folder is named from one clock for every process (process 1's clock here runs an
+    hour ahead), and a run stopped mid-epoch saves the loss sums averaged over the processes (what one
+    process with the global batch saves, float64), so that a resumed epoch's means are every process's."""
+    driver = tmp_path / "clocks.py"
+    driver.write_text(f"""import os, sys, time
+sys.path.insert(0, {HERE!r})
+import osessl as O
+if os.environ["RANK"] == "1":  # this process's clock an hour ahead
+    real_time, real_strftime = time.time, time.strftime
+    time.time = lambda: real_time() + 3600
+    time.strftime = lambda f, t=None: real_strftime(f, time.localtime(time.time()) if t is None else t)
+real = O.prepare_run_dir
+def spy(*a):
+    out = real(*a)
+    print("run dir", out, flush=True)
+    return out
+O.prepare_run_dir = spy
+O.main(sys.argv[1:])
+""")
+    args = TINY + SMALL + ["--float64", "--max-steps", "1"]
+    results = two_processes(tmp_path, *args, "--batch-size", "16", driver=str(driver))
+    assert all(code == 0 for code, _, _ in results), [err[-2000:] for _, _, err in results]
+    named = [next(line for line in out.splitlines() if line.startswith("run dir")) for _, out, _ in results]
+    assert named[0] == named[1], named
+    (two,) = (tmp_path / "runs").iterdir()
+    r = run_cli(*args, "--out", str(tmp_path / "one"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    sums = [torch.load(d / "last.pt", weights_only=True)["sums"] for d in (two, tmp_path / "one")]
+    assert sums[0].keys() == sums[1].keys() and len(sums[0]) > 3
+    for k, v in sums[1].items():
+        assert torch.allclose(sums[0][k], v, rtol=1e-9, atol=1e-12), (k, sums[0][k], v)
 
 
 def test_an_unreadable_image_stops_both_processes_in_one_line(tmp_path):
