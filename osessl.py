@@ -1219,8 +1219,8 @@ def dataset_name(dataset, data_dir):
 
 def prepare_run_dir(cfg, method):
     name = dataset_name(cfg.dataset, cfg.data_dir)
-    now = time.localtime(agree(int(time.time())))  # one clock for every process (nodes may cross a second apart)
-    out = cfg.out or os.path.join("runs", f"{name}-{method}-{time.strftime('%Y%m%d-%H%M%S', now)}")
+    stamp = agree(int(time.strftime("%Y%m%d%H%M%S")))  # one name for every process, whatever their clocks
+    out = cfg.out or os.path.join("runs", f"{name}-{method}-{stamp // 10 ** 6}-{stamp % 10 ** 6:06d}")
     if cfg.resume:
         out = cfg.out or os.path.dirname(cfg.resume)
     elif os.path.isdir(out) and os.listdir(out) and not cfg.overwrite:
@@ -1445,8 +1445,8 @@ def train(cfg, rank=0, world=1, device=None, node=(0, 1)):
     step, sums = 0, {}
     if ck is not None:  # nothing is written before the checkpoint is accepted
         load_parts(cfg.resume, ck, state)
-        for group in run.opt.param_groups:  # this run's device (fused SGD on CUDA only) and --weight-decay
-            group.update(fused=True if device.type == "cuda" else None, weight_decay=cfg.weight_decay)
+        for group in run.opt.param_groups:  # this run's settings (fused SGD on CUDA only, --weight-decay)
+            group.update({k: run.opt.defaults[k] for k in ("fused", "foreach", "weight_decay")})
         for p, s in run.opt.state.items():  # momentum in this run's parameter layout (--memory-format)
             if s.get("momentum_buffer") is not None:
                 s["momentum_buffer"] = torch.empty_like(p).copy_(s["momentum_buffer"])
@@ -1525,17 +1525,18 @@ def train(cfg, rank=0, world=1, device=None, node=(0, 1)):
             if step % steps_per_epoch and step != last and not interrupted:
                 continue
             check_finite(first_bad, list(losses), out)  # before saving: the last good checkpoint stays
-            row = None
             if step % steps_per_epoch == 0:  # a metrics row per completed epoch
                 seconds = time.time() - t_epoch
                 row = dict(epoch=epoch + 1, step=step, **epoch_means(sums, steps_per_epoch, world), lr=lr_at(step - 1),
                            momentum=m_at(step - 1), seconds=round(seconds, 2), images_per_s=round(seen / seconds, 1))
-                sums = {}
-            checkpoint()  # before the evaluation: a preemption (or a failure) during it keeps this epoch
-            if rank == 0 and row is not None:
-                if not interrupted and (step == total or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
+                # a stopping run skips a due evaluation (torchrun kills 30 s after SIGTERM), but not the last one
+                due = step == total or not interrupted and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0
+                if rank == 0 and due:
                     row.update(evaluate(run, train_x, train_y, test_x, test_y, memory))
-                log_epoch(out, row, cfg.epochs)
+                sums = {}
+                if rank == 0:
+                    log_epoch(out, row, cfg.epochs)
+            checkpoint()
             if world > 1:
                 dist.barrier()
             if interrupted:

@@ -861,15 +861,21 @@ def test_a_resumed_run_uses_its_own_optimiser_settings(tmp_path, monkeypatch):
     assert_same_state(tmp_path / "b", tmp_path / "c")
 
 
-def test_the_checkpoint_is_saved_before_the_evaluation(tmp_path, monkeypatch):
-    """An epoch's checkpoint is written before its k-NN evaluation, so a preemption (torchrun's grace is
-    30 s; an ImageNet evaluation takes longer) or a failure during the evaluation keeps the epoch."""
-    def fails(run, *a):
-        assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 2  # already saved
-        raise MemoryError("evaluation")
-    monkeypatch.setattr(O, "evaluate", fails)
-    with pytest.raises(MemoryError):
-        O.train(O.parse_config(TINY + SMALL + ["--out", str(tmp_path / "run")]))
+def test_a_stopping_run_skips_a_due_evaluation_but_not_the_last(tmp_path, monkeypatch):
+    """Stopped (SIGTERM) at the end of an epoch whose k-NN evaluation is due, the run logs the epoch's row
+    without it and saves at once (torchrun kills 30 s after SIGTERM; an ImageNet evaluation takes longer).
+    Stopped at the last step, it still evaluates: a finished run is never resumed to evaluate it."""
+    evals = record(monkeypatch, "evaluate")
+    monkeypatch.setattr(O.Preemption, "requested", lambda self, step, world: bool(setattr(self, "signum", 15)) or
+                        step in (2, 4))
+    args = TINY + SMALL + ["--out", str(tmp_path / "run")]  # 2 steps per epoch, evaluated every epoch
+    with pytest.raises(O.Interrupted, match="stopped by SIGTERM at step 2"):
+        O.train(O.parse_config(args))
+    assert not evals and [("knn5" in r) for r in metrics(tmp_path / "run")] == [False]
+    with pytest.raises(O.Interrupted, match="stopped by SIGTERM at step 4"):
+        O.train(O.parse_config(["--resume", str(tmp_path / "run" / "last.pt")]))
+    assert len(evals) == 1 and [("knn5" in r) for r in metrics(tmp_path / "run")] == [False, True]
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 4
 
 
 def test_keep_every_keeps_the_checkpoint_of_those_epochs(tmp_path):
