@@ -504,8 +504,8 @@ def load_cifar(cfg, node=(0, 1)):
     its own disk), then the rest, which find the files there. A failure anywhere stops all (agreed)."""
     import torchvision
     cls = torchvision.datasets.CIFAR10 if cfg.dataset == "cifar10" else torchvision.datasets.CIFAR100
-    shared, splits, failed = dist.is_initialized(), None, None
-    for my_turn in (dist.get_rank() == 0, node[0] == 0, True) if shared else (True,):
+    splits, failed = None, None
+    for my_turn in (dist.get_rank() == 0, node[0] == 0, True) if dist.is_initialized() else (True,):
         if my_turn and splits is None and failed is None:
             try:
                 with removed_on_failure(cfg.data_dir):  # a failed download leaves nothing behind
@@ -516,10 +516,7 @@ def load_cifar(cfg, node=(0, 1)):
                                     f"offline, copy torchvision's {folder}/ into --data-dir, or give an ImageFolder "
                                     "copy (DIR/train/<class>/*, DIR/test/<class>/*) as --dataset imagefolder "
                                     "--data-dir DIR")
-        if shared and agree(int(failed is not None)):
-            raise failed or UsageError(f"{cfg.dataset} not loaded, see the failing process's error")
-    if failed:
-        raise failed
+        stop_all_if_any_failed(failed, f"{cfg.dataset} not loaded")
     out = []
     for s in splits:
         out += [torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets)]
@@ -585,7 +582,7 @@ def load_imagefolder_split(root, split, size=0, ds=None, node=(0, 1)):
     size = size or first_image_size(paths, top)
     listing = [size] + [(os.path.relpath(p, root), os.path.getsize(p)) for p in paths]
     key = hashlib.sha1(json.dumps(listing).encode()).hexdigest()  # a changed file or size: decode anew
-    cache, shared, failed, x = cache_path(root, split), dist.is_initialized(), None, None
+    cache, failed, x = cache_path(root, split), None, None
     if local_rank == 0 or local_world == 1:
         try:
             x = read_cache(cache, key, labels, size)
@@ -601,14 +598,19 @@ def load_imagefolder_split(root, split, size=0, ds=None, node=(0, 1)):
                         os.remove(tmp)  # no writable cache, or no room: decode again next time
         except Exception as e:
             failed = e
-    if shared and agree(int(failed is not None)):  # the others waited here for local rank 0's decode
-        raise failed or UsageError(f"{top}: not decoded, see the failing process's error")
-    if failed:
-        raise failed
+    stop_all_if_any_failed(failed, f"{top}: not decoded")  # the others waited here for local rank 0's decode
     if x is None:  # the cache local rank 0 wrote (or, where it could write none, decoded here too)
         x = read_cache(cache, key, labels, size)
         x = decode_split(ds, paths, size, top, node) if x is None else x
     return x, labels, ds.classes
+
+
+def stop_all_if_any_failed(failed, what):
+    """One agreement of every process: if any failed, all stop, the failing ones with their own error."""
+    if dist.is_initialized() and agree(int(failed is not None)):
+        raise failed or UsageError(f"{what}, see the failing process's error")
+    if failed:
+        raise failed
 
 
 def cache_path(root, split):
@@ -1466,11 +1468,8 @@ def train(cfg, rank=0, world=1, device=None, node=(0, 1)):
                   f"recomputed for {cfg.epochs} (the steps so far followed {ck['config']['epochs']}'s)", flush=True)
 
     def checkpoint():
-        saved = sums
-        if world > 1 and sums:  # stopped mid-epoch: the partial sums averaged over the processes, for any W
-            v = torch.stack(list(sums.values()))
-            dist.all_reduce(v)
-            saved = dict(zip(sums, v / world))
+        # stopped mid-epoch: the partial sums averaged over the processes, so that any W resumes them
+        saved = dict(zip(sums, process_mean(torch.stack(list(sums.values())), world))) if sums else sums
         if rank == 0:
             epoch, ends_epoch = step // steps_per_epoch, step % steps_per_epoch == 0
             ck = dict(format=CHECKPOINT_FORMAT, config=asdict(cfg), num_classes=num_classes, step=step, epoch=epoch,
@@ -1550,11 +1549,16 @@ def train(cfg, rank=0, world=1, device=None, node=(0, 1)):
 def epoch_means(sums, n, world):
     """Epoch means of the loss terms over every process: one reduction and one host copy per epoch."""
     names = list(sums)
-    v = torch.stack([sums[k] for k in names]).float() / n
+    v = process_mean(torch.stack([sums[k] for k in names]).float() / n, world)
+    return {k: round(x, 6) for k, x in zip(names, v.tolist())}
+
+
+def process_mean(v, world):
+    """The mean of v over every process (one all-reduce), or v itself in one."""
     if world > 1:
         dist.all_reduce(v)
-        v /= world
-    return {k: round(x, 6) for k, x in zip(names, v.tolist())}
+        v = v / world
+    return v
 
 
 def log_epoch(out, row, epochs):
